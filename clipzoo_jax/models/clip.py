@@ -1,0 +1,69 @@
+"""CLIPTeX: the two CLIP towers, a learned temperature and the dense task heads."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from clipzoo_jax.models import heads as heads_lib
+from clipzoo_jax.models import text as text_lib
+from clipzoo_jax.models import vit
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype: expected one of {sorted(DTYPES)}, found {name!r}")
+  return DTYPES[name]
+
+
+class CLIPTeX(nn.Module):
+  """Parameters: `img` (image tower), `txt` (text tower), `logit_scale`, `heads/<task>_head`."""
+  config: ml_collections.ConfigDict
+
+  def setup(self):
+    cfg = self.config
+    dtype = compute_dtype(cfg.dtype)
+    self.img = vit.ImageTower(
+        width=cfg.image.width, depth=cfg.image.depth, num_heads=cfg.image.num_heads,
+        mlp_dim=cfg.image.mlp_dim, patch_size=cfg.image.patch_size,
+        image_size=cfg.image.image_size, embed_dim=cfg.embed_dim,
+        activation=cfg.image.activation, layer_norm_eps=cfg.image.layer_norm_eps,
+        scan=cfg.scan_layers, remat=cfg.remat, dtype=dtype)
+    self.txt = text_lib.TextTower(
+        width=cfg.text.width, depth=cfg.text.depth, num_heads=cfg.text.num_heads,
+        mlp_dim=cfg.text.mlp_dim, vocab_size=cfg.text.vocab_size,
+        context_length=cfg.text.context_length, embed_dim=cfg.embed_dim,
+        activation=cfg.text.activation, layer_norm_eps=cfg.text.layer_norm_eps,
+        eos_token_id=cfg.text.get("eos_token_id"), scan=cfg.scan_layers, remat=cfg.remat,
+        dtype=dtype)
+    self.logit_scale = self.param(
+        "logit_scale", nn.with_logical_partitioning(
+            nn.initializers.constant(cfg.get("logit_scale_init", math.log(1 / 0.07))), ()), ())
+    tasks = tuple(cfg.heads.tasks)
+    self.heads = heads_lib.TaskHeads(
+        tasks=tasks, num_seg_classes=cfg.heads.num_seg_classes,
+        num_det_classes=cfg.heads.num_det_classes, hidden=cfg.heads.hidden,
+        upsample=cfg.heads.upsample, dtype=dtype) if tasks else None
+
+  def encode_image(self, images):
+    """-> (unnormalized embedding (B, E), patch tokens (B, g, g, D))."""
+    return self.img(images)
+
+  def encode_text(self, tokens):
+    return self.txt(tokens)
+
+  def __call__(self, images, tokens):
+    image_embedding, patches = self.img(images)
+    out = {
+        "image_embedding": image_embedding.astype(jnp.float32),
+        "text_embedding": self.txt(tokens).astype(jnp.float32),
+        "logit_scale": self.logit_scale,
+    }
+    if self.heads is not None:
+      out["heads"] = self.heads(patches)
+    return out

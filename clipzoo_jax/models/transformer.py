@@ -1,0 +1,173 @@
+"""The pre-LN residual attention block of OpenAI CLIP and a stack of them (scan + remat optional).
+
+Parameter names and layouts are chosen so that converting to/from OpenAI or Hugging Face CLIP is a
+rename plus reshape/transpose: q/k/v/out projections as separate DenseGeneral layers with
+(embed, heads, kv) kernels, `ln_1`, `ln_2`, `mlp/fc`, `mlp/proj` as in OpenAI's ResidualAttentionBlock.
+Every parameter carries logical axis names; activations carry logical constraints.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Activation logical axes: separate names from parameter axes, so a rules table can shard
+# activations over the batch while parameters shard their `embed` dim over fsdp.
+BATCH, SEQ, EMBED, MLP, HEADS, KV = ("activation_batch", "activation_seq", "activation_embed",
+                                     "activation_mlp", "activation_heads", "activation_kv")
+
+
+def quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "quick_gelu": quick_gelu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+def activation_fn(name: str) -> Callable:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"model activation: expected one of {sorted(ACTIVATIONS)}, found {name!r}")
+  return ACTIVATIONS[name]
+
+
+def dense_init(names):
+  return nn.with_logical_partitioning(nn.initializers.normal(0.02), names)
+
+
+def zeros_init(names):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def ones_init(names):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32 (as OpenAI CLIP does under fp16); params `scale`, `bias`."""
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    scale = self.param("scale", ones_init(("norm",)), (width,))
+    bias = self.param("bias", zeros_init(("norm",)), (width,))
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention; `causal` masks future positions (the text tower)."""
+  num_heads: int
+  causal: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"attention: width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+    project = functools.partial(
+        nn.DenseGeneral, features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
+        kernel_init=dense_init(("embed", "heads", "kv")), bias_init=zeros_init(("heads", "kv")))
+    q, k, v = project(name="query")(x), project(name="key")(x), project(name="value")(x)
+    q = nn.with_logical_constraint(q, (BATCH, SEQ, HEADS, KV))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * (head_dim ** -0.5), k)
+    if self.causal:
+      length = x.shape[1]
+      mask = jnp.tril(jnp.ones((length, length), bool))
+      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = nn.with_logical_constraint(out, (BATCH, SEQ, HEADS, KV))
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
+                           kernel_init=dense_init(("heads", "kv", "embed")),
+                           bias_init=zeros_init(("embed",)))(out)
+
+
+class Mlp(nn.Module):
+  mlp_dim: int
+  activation: str = "quick_gelu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    h = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc",
+                 kernel_init=dense_init(("embed", "mlp")), bias_init=zeros_init(("mlp",)))(x)
+    h = nn.with_logical_constraint(activation_fn(self.activation)(h), (BATCH, SEQ, MLP))
+    return nn.Dense(width, dtype=self.dtype, name="proj",
+                    kernel_init=dense_init(("mlp", "embed")), bias_init=zeros_init(("embed",)))(h)
+
+
+class Block(nn.Module):
+  """x + attn(ln_1(x)); x + mlp(ln_2(x)). Returns (x, None) so it can be the body of nn.scan."""
+  num_heads: int
+  mlp_dim: int
+  activation: str = "quick_gelu"
+  causal: bool = False
+  layer_norm_eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    x = nn.with_logical_constraint(x, (BATCH, SEQ, EMBED))
+    y = LayerNorm(self.layer_norm_eps, self.dtype, name="ln_1")(x)
+    x = x + Attention(self.num_heads, self.causal, self.dtype, name="attn")(y)
+    y = LayerNorm(self.layer_norm_eps, self.dtype, name="ln_2")(x)
+    x = x + Mlp(self.mlp_dim, self.activation, self.dtype, name="mlp")(y)
+    return nn.with_logical_constraint(x, (BATCH, SEQ, EMBED)), None
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Encoder(nn.Module):
+  """`depth` Blocks. Unscanned params live under `block_{i}`; scanned under `blocks` with a
+  leading `layers` axis (conversion handles both layouts)."""
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  activation: str = "quick_gelu"
+  causal: bool = False
+  layer_norm_eps: float = 1e-5
+  scan: bool = False
+  remat: str = "none"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model remat: expected one of {sorted(REMAT_POLICIES)}, found {self.remat!r}")
+    block_cls = Block
+    if self.remat != "none":
+      block_cls = nn.remat(Block, prevent_cse=not self.scan, policy=REMAT_POLICIES[self.remat])
+    kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
+                  causal=self.causal, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype)
+    if self.scan:
+      stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                      length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(**kwargs, name="blocks")(x, None)
+      return x
+    for i in range(self.depth):
+      x, _ = block_cls(**kwargs, name=f"block_{i}")(x, None)
+    return x
