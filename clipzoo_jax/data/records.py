@@ -191,6 +191,9 @@ def make_example(key: str, image_jpeg: bytes, text: str, labels: Labels | None =
     feature["det/boxes"] = _float_feature(tf, boxes)
     feature["det/classes"] = _int_feature(tf, classes)
     feature["det/scores"] = _float_feature(tf, scores)
+    # Parsers cannot tell an empty list from an absent one; the count keeps "expert ran, found
+    # no objects" (a valid negative label) apart from "no det label".
+    feature["det/count"] = _int_feature(tf, [len(classes)])
   return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 

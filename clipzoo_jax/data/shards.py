@@ -137,10 +137,17 @@ def read_shard_info(shard_path: str) -> ShardInfo:
     return ShardInfo(**json.load(f))
 
 
-def remove_partial(directory: str) -> list[str]:
-  """Deletes temporary files and shards without sidecars left by a killed writer; returns them."""
+def remove_partial(directory: str, names: Iterable[str] | None = None) -> list[str]:
+  """Deletes temporary files and shards without sidecars left by a killed writer; returns them.
+
+  `names` (shard file names) limits the cleanup to those shards' files, so one worker never
+  deletes the temporary file another worker is writing in the same directory.
+  """
+  owned = None if names is None else tuple(names)
   removed = []
   for name in sorted(os.listdir(directory)):
+    if owned is not None and not name.startswith(owned):
+      continue
     path = os.path.join(directory, name)
     partial = ".tmp-" in name or (name.endswith(".tfrecord") and not is_complete(path))
     if partial:
