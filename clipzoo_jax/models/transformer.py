@@ -1,7 +1,7 @@
 """The pre-LN residual attention block of OpenAI CLIP and a stack of them (scan + remat optional).
 
 Parameter names and layouts are chosen so that converting to/from OpenAI or Hugging Face CLIP is a
-rename plus reshape/transpose: q/k/v/out projections as separate DenseGeneral layers with
+rename plus reshape/transpose: q/k/v/out projections as separate layers with
 (embed, heads, kv) kernels, `ln_1`, `ln_2`, `mlp/fc`, `mlp/proj` as in OpenAI's ResidualAttentionBlock.
 Every parameter carries logical axis names; activations carry logical constraints.
 """
@@ -69,6 +69,36 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+class HeadsProjection(nn.Module):
+  """(B, L, D) -> (B, L, heads, head_dim) with a full-rank (D, heads, head_dim) kernel.
+
+  Written out rather than nn.DenseGeneral, whose flattened-kernel init conflicts with the 3-D
+  logical sharding under jax.set_mesh."""
+  num_heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", dense_init(("embed", "heads", "kv")),
+                        (x.shape[-1], self.num_heads, self.head_dim))
+    bias = self.param("bias", zeros_init(("heads", "kv")), (self.num_heads, self.head_dim))
+    return jnp.einsum("bld,dhk->blhk", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+class HeadsOutput(nn.Module):
+  """(B, L, heads, head_dim) -> (B, L, D) with a (heads, head_dim, D) kernel."""
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", dense_init(("heads", "kv", "embed")),
+                        (x.shape[-2], x.shape[-1], self.width))
+    bias = self.param("bias", zeros_init(("embed",)), (self.width,))
+    return jnp.einsum("blhk,hkd->bld", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention; `causal` masks future positions (the text tower)."""
   num_heads: int
@@ -81,10 +111,8 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"attention: width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
-    project = functools.partial(
-        nn.DenseGeneral, features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
-        kernel_init=dense_init(("embed", "heads", "kv")), bias_init=zeros_init(("heads", "kv")))
-    q, k, v = project(name="query")(x), project(name="key")(x), project(name="value")(x)
+    project = lambda name: HeadsProjection(self.num_heads, head_dim, self.dtype, name=name)(x)
+    q, k, v = project("query"), project("key"), project("value")
     q = nn.with_logical_constraint(q, (BATCH, SEQ, HEADS, KV))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * (head_dim ** -0.5), k)
     if self.causal:
@@ -94,9 +122,7 @@ class Attention(nn.Module):
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     out = nn.with_logical_constraint(out, (BATCH, SEQ, HEADS, KV))
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
-                           kernel_init=dense_init(("heads", "kv", "embed")),
-                           bias_init=zeros_init(("embed",)))(out)
+    return HeadsOutput(width, self.dtype, name="out")(out)
 
 
 class Mlp(nn.Module):

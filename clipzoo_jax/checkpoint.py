@@ -1,0 +1,97 @@
+"""Orbax checkpoints of a run: items `state` ({step, params, opt_state}) and `data` (the input
+iterator's JSON state), under `<workdir>/checkpoints/<step>/`. Orbax commits a step atomically
+(temporary directory renamed when complete), so a killed save never looks like a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+STATE, DATA = "state", "data"
+CONFIG_NAME = "config.json"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _manager(workdir: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+  handlers = {STATE: ocp.PyTreeCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+
+
+class Checkpointer:
+  """Saves every `every` steps (and on demand), keeps the newest `keep`, restores onto any mesh."""
+
+  def __init__(self, workdir: str, every: int, keep: int = 3, async_save: bool = True):
+    self.every = max(int(every), 1)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = _manager(workdir, options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
+    """Saves at multiples of `every`, or now when forced (last step, preemption)."""
+    if not force and step % self.every:
+      return False
+    return self.manager.save(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.PyTreeSave(state), DATA: ocp.args.JsonSave(data_state)}), force=force)
+
+  def restore(self, step: int, abstract_state):
+    """Restores onto the shardings of `abstract_state` (jax.ShapeDtypeStruct leaves with
+    .sharding), which may be a different mesh or device count than the one that saved."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args),
+        DATA: ocp.args.JsonRestore()}))
+    return restored[STATE], restored[DATA]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_NAME), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_NAME)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no config; is {workdir} a training workdir?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_params(workdir: str, step: int | None = None):
+  """(params as host NumPy arrays, config) of a run's checkpoint: latest step unless given.
+
+  Reads only the `params` subtree (partial restore), one copy in host memory.
+  """
+  config = load_config(workdir)
+  manager = _manager(workdir, ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(f"{checkpoint_dir(workdir)}: no checkpoint at step {step}; "
+                            f"found steps {sorted(manager.all_steps())}")
+  metadata = manager.item_metadata(step)[STATE]
+  tree = metadata.tree if hasattr(metadata, "tree") else metadata
+  params_meta = tree["params"]
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
+  restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+      item={"params": params_meta}, restore_args={"params": restore_args},
+      partial_restore=True)}))
+  manager.close()
+  return restored[STATE]["params"], config

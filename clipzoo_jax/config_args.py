@@ -1,0 +1,36 @@
+"""big_vision-style config arguments: `configs/cliptex.py:variant=B/16,tasks=seg+depth,runlocal`."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def _convert(text: str, default):
+  if isinstance(default, bool):
+    if text.lower() in ("", "true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"config arg: expected a boolean, found {text!r}")
+  if isinstance(default, int):
+    return int(text)
+  if isinstance(default, float):
+    return float(text)
+  return text
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'a=1,b,c=x' -> ConfigDict typed like the defaults; a bare name means True. Unknown names are
+  an error listing the known ones."""
+  result = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    name, _, value = item.partition("=")
+    if name not in defaults:
+      raise ValueError(f"config arg {name!r} is unknown; known args: {sorted(defaults)}")
+    result[name] = _convert(value if "=" in item else "true", defaults[name])
+  return ml_collections.ConfigDict(result)
+
+
+def parse_tasks(text: str) -> list[str]:
+  """'seg+depth' -> ['seg', 'depth']; 'none' -> [] (the CLIP-FT baseline)."""
+  return [] if text in ("", "none") else text.split("+")

@@ -1,0 +1,86 @@
+"""Config pieces shared by the experiment files in configs/: defaults of every key the trainer
+reads, the demo's CPU-sized setup on the built-in toy world, and the `runlocal` shrink."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from clipzoo_jax.data import toyworld
+from clipzoo_jax.models import variants
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.total_steps = 1000
+  config.log_every = 10
+  config.checkpoint_every = 100
+  config.keep_checkpoints = 3
+  config.async_checkpointing = True
+  config.global_batch_size = 32
+  config.mesh = [-1, 1, 1]          # sizes of ('data', 'fsdp', 'tensor'); one -1 fills
+  config.mesh_allow_shrink = False  # True: fixed sizes shrink to fit fewer devices (demo only)
+  config.sharding_rules = []        # [[logical_name, mesh_axes], ...] replacing defaults
+  config.model_init = ""
+  config.model_init_format = "auto"
+  config.tokenizer = ml_collections.ConfigDict(dict(
+      directory="tokenizer", context_length=77,
+      train_vocab_size=ml_collections.FieldReference(None, field_type=int),
+      train_on_examples=20000))
+  config.loss = ml_collections.ConfigDict(dict(weights={}, depth="ssi"))
+  config.optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, warmup_steps=100,
+      end_lr_factor=0.0, grad_clip_norm=1.0, freeze=[], lr_multipliers=[]))
+  return config
+
+
+def data_config(directory: str, image_size: int, label_size: int) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      directory=directory, image_size=image_size, label_size=label_size, max_boxes=16,
+      shuffle_buffer=2048, crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3),
+      min_box_area_fraction=0.25,
+      toyworld=ml_collections.ConfigDict(dict(num_examples=2048, size=64, num_shards=8, seed=0))))
+
+
+def demo_config(tasks) -> ml_collections.ConfigDict:
+  """Tiny towers on 64 px toy-world images: a few minutes on 2 CPU cores."""
+  config = base_config()
+  config.total_steps = 300
+  config.log_every = 10
+  config.checkpoint_every = 100
+  config.global_batch_size = 32
+  config.mesh = [-1, 2, 1]
+  config.mesh_allow_shrink = True
+  config.tokenizer.directory = "tokenizer"
+  config.tokenizer.context_length = 24
+  config.tokenizer.train_vocab_size = 1024
+  config.model = variants.model_config(
+      "mu/8", image_size=64, tasks=tasks, num_seg_classes=len(toyworld.SEG_CLASSES),
+      num_det_classes=len(toyworld.DET_CLASSES), vocab_size=1024, context_length=24)
+  config.model.heads.hidden = 32
+  config.data = data_config("data/toyworld", image_size=64, label_size=32)
+  config.loss.weights = {t: 1.0 for t in tasks}
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 20
+  config.optim.weight_decay = 0.05
+  return config
+
+
+def make_local(config: ml_collections.ConfigDict) -> None:
+  """`runlocal`: the same code path at toy size, for a quick check on a laptop."""
+  tasks = list(config.model.heads.tasks)
+  demo = demo_config(tasks)
+  config.model = demo.model
+  config.data = demo.data
+  config.data.toyworld.num_examples = 256
+  config.data.toyworld.num_shards = 2
+  config.tokenizer = demo.tokenizer
+  config.model_init = ""
+  config.mesh = demo.mesh
+  config.mesh_allow_shrink = True
+  config.global_batch_size = 16
+  config.total_steps = 10
+  config.log_every = 2
+  config.checkpoint_every = 5
+  config.optim.warmup_steps = 2
+  config.optim.lr_multipliers = []

@@ -1,0 +1,65 @@
+"""Makes a run's inputs exist before training: the built-in toy-world shards (when the config asks
+for them) and a tokenizer (loaded from a CLIP folder, or trained on the dataset's captions)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+from jax.experimental import multihost_utils
+
+from clipzoo_jax.data import shards
+
+
+def resolve_path(path: str, workdir: str) -> str:
+  """Config paths are relative to the workdir unless absolute (or `~`)."""
+  path = os.path.expanduser(path)
+  return path if os.path.isabs(path) else os.path.join(os.path.abspath(workdir), path)
+
+
+def dataset_captions(directory: str, limit: int) -> list[str]:
+  import tensorflow as tf
+  files = shards.shard_paths(directory)
+  features = {"text": tf.io.FixedLenFeature([], tf.string)}
+  dataset = tf.data.TFRecordDataset(files).take(limit).map(
+      lambda s: tf.io.parse_single_example(s, features)["text"])
+  return [t.decode("utf-8") for t in dataset.as_numpy_iterator()]
+
+
+def _on_process_zero_then_sync(fn, name: str):
+  if jax.process_index() == 0:
+    fn()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def prepare_dataset(data_config: ml_collections.ConfigDict, workdir: str) -> str:
+  directory = resolve_path(data_config.directory, workdir)
+  toy = data_config.get("toyworld")
+  if toy:
+    from clipzoo_jax.data import toyworld
+    _on_process_zero_then_sync(lambda: toyworld.ensure_dataset(
+        directory, num_examples=toy.num_examples, seed=toy.seed, size=toy.size,
+        num_shards=toy.num_shards, split="train"), "toyworld")
+  shards.read_manifest(directory)  # fails early, naming the directory, if there is no dataset
+  return directory
+
+
+def prepare_tokenizer(tokenizer_config: ml_collections.ConfigDict, dataset_dir: str, workdir: str):
+  """Loads `tokenizer.directory`; if it is missing and `train_vocab_size` is set, trains a BPE on
+  the dataset's captions there first (the demo's case)."""
+  from clipzoo_jax.data import tokenizer as tokenizer_lib
+  directory = resolve_path(tokenizer_config.directory, workdir)
+  has_files = os.path.exists(os.path.join(directory, "vocab.json")) or os.path.exists(
+      os.path.join(directory, "tokenizer.json"))
+  if not has_files:
+    vocab_size = tokenizer_config.get("train_vocab_size")
+    if not vocab_size:
+      raise FileNotFoundError(f"config.tokenizer.directory {directory}: no tokenizer files "
+                              "(vocab.json + merges.txt or tokenizer.json) and "
+                              "config.tokenizer.train_vocab_size is not set")
+    _on_process_zero_then_sync(lambda: tokenizer_lib.train_tokenizer(
+        dataset_captions(dataset_dir, tokenizer_config.get("train_on_examples", 20000)),
+        vocab_size, directory), "tokenizer")
+  return tokenizer_lib.Tokenizer.from_pretrained(directory, tokenizer_config.context_length)

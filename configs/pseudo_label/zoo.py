@@ -1,0 +1,81 @@
+"""Pseudo-label a real corpus with production model-zoo experts (PAPER.md's table).
+
+Choose one expert per task by short name; an empty name leaves the task out. Models load from
+hub ids (the Hugging Face cache) or, with `models_dir`, from `<models_dir>/<hub id>` folders:
+  python tools/pseudo_label.py \
+      --config=configs/pseudo_label/zoo.py:depth=dpt-large,seg=segformer-b5,det=rtdetr-r50,dtype=bfloat16 \
+      --corpus=tar:/data/cc3m/{00000..00331}.tar --output_dir=/data/cc3m_pl
+Normals: `from-depth` (geometric, from this job's depth expert) or `onnx` with `normals_onnx=PATH`
+(set its preprocessing with --config.experts.normals.input_size=... etc.).
+"""
+
+import os
+
+import ml_collections
+
+from clipzoo_jax.pseudo_label.config import parse_arg
+
+# short name -> (expert kind, hub id)
+DEPTH = {
+    "dpt-large": ("hf_depth", "Intel/dpt-large"),
+    "dpt-hybrid": ("hf_depth", "Intel/dpt-hybrid-midas"),
+    "depth-anything-v2-large": ("hf_depth", "depth-anything/Depth-Anything-V2-Large-hf"),
+    "zoedepth-nyu-kitti": ("hf_depth", "Intel/zoedepth-nyu-kitti"),
+}
+SEG = {
+    "segformer-b5": ("hf_semantic", "nvidia/segformer-b5-finetuned-ade-640-640"),
+    "upernet-convnext-large": ("hf_semantic", "openmmlab/upernet-convnext-large"),
+    "mask2former-ade": ("hf_semantic", "facebook/mask2former-swin-large-ade-semantic"),
+    "oneformer-ade": ("hf_semantic", "shi-labs/oneformer_ade20k_swin_large"),
+}
+DET = {
+    "mask2former-coco": ("hf_instance", "facebook/mask2former-swin-large-coco-instance"),
+    "rtdetr-r50": ("hf_detection", "PekingU/rtdetr_r50vd"),
+    "yolos-base": ("hf_detection", "hustvl/yolos-base"),
+}
+
+
+def _pick(table, task, name, arg):
+  if name not in table:
+    raise ValueError(f"zoo config arg {task}={name!r}: expected one of {sorted(table)} or empty")
+  kind, hub_id = table[name]
+  source = os.path.join(arg.models_dir, hub_id) if arg.models_dir else hub_id
+  expert = {"kind": kind, "source": source, "device": arg.device, "dtype": arg.dtype}
+  if task in ("seg", "depth"):
+    expert.update(label_scale=arg.label_scale)
+  if task == "det":
+    expert.update(threshold=arg.det_threshold)
+  return expert
+
+
+def _normals(arg, experts):
+  if arg.normals == "from-depth":
+    expert = {"kind": "depth_normals", "fov_degrees": arg.fov_degrees, "label_scale": arg.label_scale}
+    if "depth" in experts:
+      expert["from_task"] = "depth"  # reuse this job's depth: no second forward pass
+    else:
+      expert["depth"] = _pick(DEPTH, "depth", "dpt-large", arg)
+    return expert
+  if arg.normals == "onnx":
+    return {"kind": "onnx_normals", "source": arg.normals_onnx, "device": arg.device,
+            "size_multiple": 32, "label_scale": arg.label_scale}
+  raise ValueError(f"zoo config arg normals={arg.normals!r}: expected from-depth, onnx or empty")
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, depth="dpt-large", seg="segformer-b5", det="rtdetr-r50",
+                  normals="from-depth", normals_onnx="", fov_degrees=60.0, models_dir="",
+                  device="auto", dtype="float32", det_threshold=0.5, label_scale=1.0,
+                  batch_size=16, records_per_shard=0)
+  experts = {}
+  for task, table in (("depth", DEPTH), ("seg", SEG), ("det", DET)):
+    if getattr(arg, task):
+      experts[task] = _pick(table, task, getattr(arg, task), arg)
+  if arg.normals:
+    experts["normals"] = _normals(arg, experts)
+  config = ml_collections.ConfigDict()
+  config.experts = experts
+  config.corpus = {"kind": "tar", "pattern": None, "records_per_shard": arg.records_per_shard or None}
+  config.job = {"batch_size": arg.batch_size, "decode_threads": 4, "prefetch_batches": 4,
+                "split": "train", "jpeg_quality": 95, "progress_every_s": 30.0}
+  return config

@@ -1,0 +1,102 @@
+"""Model behaviour users rely on: shapes, causal text pooling at EOS, scan == unscanned, logical
+axes on every parameter."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from clipzoo_jax.models import clip, variants
+from tests import helpers
+
+
+def _tokens(config, rng, eos_at=5):
+  length, vocab = config.model.text.context_length, config.model.text.vocab_size
+  tokens = rng.integers(1, vocab - 1, size=(2, length))
+  tokens[:, eos_at] = vocab - 1   # end-of-text: the largest id, pooled by argmax
+  tokens[:, eos_at + 1:] = 0      # padding
+  return tokens
+
+
+def test_output_shapes_follow_config():
+  config = helpers.tiny_config()
+  model, params = helpers.init_params(config)
+  rng = np.random.default_rng(0)
+  out = model.apply({"params": params}, jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32),
+                    jnp.asarray(_tokens(config, rng)))
+  embed = config.model.embed_dim
+  assert out["image_embedding"].shape == out["text_embedding"].shape == (2, embed)
+  assert out["heads"]["seg"].shape == (2, 16, 16, config.model.heads.num_seg_classes)
+  assert out["heads"]["depth"].shape == (2, 16, 16)
+  np.testing.assert_allclose(np.linalg.norm(out["heads"]["normals"], axis=-1), 1.0, rtol=1e-5)
+  assert out["heads"]["det_heatmap"].shape == (2, 16, 16, config.model.heads.num_det_classes)
+
+
+def test_text_embedding_ignores_tokens_after_eos_but_not_before():
+  config = helpers.tiny_config(tasks=())
+  model, params = helpers.init_params(config)
+  rng = np.random.default_rng(1)
+  tokens = _tokens(config, rng)
+  encode = lambda t: model.apply({"params": params}, jnp.asarray(t), method=model.encode_text)
+  base = encode(tokens)
+  after = tokens.copy(); after[:, 7] = 3
+  before = tokens.copy(); before[:, 2] = (before[:, 2] % 10) + 11
+  np.testing.assert_allclose(encode(after), base, atol=1e-6)
+  assert np.abs(np.asarray(encode(before)) - np.asarray(base)).max() > 1e-4
+
+
+def test_eos_token_id_pools_at_first_eos_instead_of_argmax():
+  config = helpers.tiny_config(tasks=())
+  config.model.text.eos_token_id = 7
+  tokens = np.array([[1, 9, 7, 60, 7, 0, 0, 0]])
+  from clipzoo_jax.models import text
+  assert int(text.eos_positions(jnp.asarray(tokens), 7)[0]) == 2
+  assert int(text.eos_positions(jnp.asarray(tokens), None)[0]) == 3
+
+
+def test_scanned_layers_compute_the_same_function():
+  config = helpers.tiny_config(tasks=("seg",))
+  model, params = helpers.init_params(config)
+  scanned_config = helpers.tiny_config(tasks=("seg",))
+  scanned_config.model.scan_layers = True
+  scanned_config.model.remat = "full"
+  scanned = clip.CLIPTeX(scanned_config.model)
+
+  def stack(encoder):
+    blocks = [encoder[f"block_{i}"] for i in range(len(encoder))]
+    return {"blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+  scanned_params = dict(params)
+  for tower in ("img", "txt"):
+    scanned_params[tower] = {**params[tower], "encoder": stack(params[tower]["encoder"])}
+  rng = np.random.default_rng(2)
+  images = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+  tokens = jnp.asarray(_tokens(config, rng))
+  a = model.apply({"params": params}, images, tokens)
+  b = scanned.apply({"params": scanned_params}, images, tokens)
+  for key in ("image_embedding", "text_embedding"):
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(a["heads"]["seg"], b["heads"]["seg"], rtol=1e-5, atol=1e-6)
+
+
+def test_every_parameter_has_logical_axes_of_its_rank():
+  config = helpers.tiny_config()
+  model = clip.CLIPTeX(config.model)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                            jnp.zeros((1, 8), jnp.int32)))["params"]
+  for path, leaf in flatten_dict(boxed).items():
+    assert isinstance(leaf, nn.LogicallyPartitioned), f"{'/'.join(path)} has no logical axes"
+    assert len(leaf.names) == len(leaf.value.shape), "/".join(path)
+
+
+@pytest.mark.parametrize("variant,width,depth,patch,size", [
+    ("B/16", 768, 12, 16, 224), ("B/32", 768, 12, 32, 224), ("L/14", 1024, 24, 14, 224),
+    ("L/14@336", 1024, 24, 14, 336), ("Ti/16", 192, 12, 16, 224), ("S/16", 384, 12, 16, 224)])
+def test_variants_parse_to_openai_shapes(variant, width, depth, patch, size):
+  cfg = variants.model_config(variant)
+  assert (cfg.image.width, cfg.image.depth, cfg.image.patch_size, cfg.image.image_size) == (
+      width, depth, patch, size)
+  with pytest.raises(ValueError, match="SIZE/PATCH"):
+    variants.model_config("XL/16")
