@@ -1,0 +1,219 @@
+"""PyTorch reference of the dense task heads (clipzoo_jax/models/heads.py), run on Hugging Face
+`CLIPVisionModel(...).last_hidden_state[:, 1:]`, and their weights as safetensors.
+
+Self-contained (torch, numpy, safetensors; no JAX, no clipzoo_jax imports): the exporter copies
+this file beside `heads.safetensors` so PyTorch users need only that folder:
+
+  vision = transformers.CLIPVisionModel.from_pretrained(folder)
+  heads = TaskHeads.from_pretrained(folder)
+  out = heads(vision(pixel_values).last_hidden_state[:, 1:])  # {"seg": (B, H, W, C), ...}
+
+Outputs are channels-last, as the JAX heads and the pseudo-label arrays: seg and det_heatmap
+logits (B, H, W, C), depth (B, H, W), unit normals (B, H, W, 3), det_size and det_offset
+(B, H, W, 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEADS_CONFIG = "heads_config.json"
+HEADS_WEIGHTS = "heads.safetensors"
+TASK_HEADS = {"seg": ("seg_head",), "depth": ("depth_head",), "normals": ("normals_head",),
+              "det": ("det_heatmap_head", "det_box_head")}
+LAYER_NORM_EPS = 1e-5  # heads.py's LayerNorm
+# heads.py calls jax.nn.gelu, whose default is the tanh approximation; "gelu" is the exact one.
+HEADS_ACTIVATION = "gelu_tanh"
+ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}  # -> F.gelu(approximate=...)
+NORMALS_MIN_NORM = 1e-6
+
+
+def heads_config(model_config) -> dict:
+  """The JSON-able head settings of a model config (an ml_collections ConfigDict or alike)."""
+  heads, image = model_config.heads, model_config.image
+  return {
+      "tasks": list(heads.tasks), "width": int(image.width), "hidden": int(heads.hidden),
+      "upsample": int(heads.upsample), "num_seg_classes": int(heads.num_seg_classes),
+      "num_det_classes": int(heads.num_det_classes), "patch_size": int(image.patch_size),
+      "image_size": int(image.image_size), "layer_norm_eps": LAYER_NORM_EPS,
+      "activation": HEADS_ACTIVATION,
+  }
+
+
+def head_channels(config: Mapping) -> dict[str, int]:
+  """Head module name -> output channels, for the active tasks."""
+  channels = {"seg_head": config["num_seg_classes"], "depth_head": 1, "normals_head": 3,
+              "det_heatmap_head": config["num_det_classes"], "det_box_head": 4}
+  unknown = sorted(set(config["tasks"]) - set(TASK_HEADS))
+  if unknown:
+    raise ValueError(f"heads config: unknown tasks {unknown}; expected a subset of "
+                     f"{sorted(TASK_HEADS)}")
+  return {name: channels[name] for task in config["tasks"] for name in TASK_HEADS[task]}
+
+
+class UpsampleHead(nn.Module):
+  """(B, g, g, D) -> (B, g*upsample, g*upsample, C): LayerNorm, 3x3 conv, [x2 bilinear, 3x3 conv]
+  per stage, 1x1 conv, GELU between, as heads.UpsampleHead."""
+
+  def __init__(self, width: int, hidden: int, upsample: int, out_channels: int,
+               eps: float = LAYER_NORM_EPS, activation: str = HEADS_ACTIVATION):
+    super().__init__()
+    if activation not in ACTIVATIONS:
+      raise ValueError(f"heads config: activation expected one of {sorted(ACTIVATIONS)}, "
+                       f"found {activation!r}")
+    self.approximate = ACTIVATIONS[activation]
+    self.stages = int(round(math.log2(upsample)))
+    if 2 ** self.stages != upsample:
+      raise ValueError(f"heads config: upsample must be a power of 2, found {upsample}")
+    self.ln = nn.LayerNorm(width, eps=eps)
+    self.conv_in = nn.Conv2d(width, hidden, 3, padding=1)
+    for stage in range(self.stages):
+      setattr(self, f"conv_up{stage}", nn.Conv2d(hidden, hidden, 3, padding=1))
+    self.conv_out = nn.Conv2d(hidden, out_channels, 1)
+
+  def forward(self, grid: torch.Tensor) -> torch.Tensor:
+    x = self.ln(grid).permute(0, 3, 1, 2)
+    x = F.gelu(self.conv_in(x), approximate=self.approximate)
+    for stage in range(self.stages):
+      # half-pixel bilinear with edge clamping, identical to jax.image.resize upsampling
+      x = F.interpolate(x, size=(2 * x.shape[2], 2 * x.shape[3]), mode="bilinear",
+                        align_corners=False)
+      x = F.gelu(getattr(self, f"conv_up{stage}")(x), approximate=self.approximate)
+    return self.conv_out(x).permute(0, 2, 3, 1)
+
+
+def patch_grid(tokens: torch.Tensor) -> torch.Tensor:
+  """(B, N, D) patch tokens (class token already dropped) -> (B, g, g, D)."""
+  batch, count, width = tokens.shape
+  grid = math.isqrt(count)
+  if grid * grid != count:
+    raise ValueError(f"patch tokens: expected a square number of tokens, found {count} (drop the "
+                     "class token: last_hidden_state[:, 1:])")
+  return tokens.reshape(batch, grid, grid, width)
+
+
+class TaskHeads(nn.Module):
+  """The heads of a `heads_config`; `forward` takes (B, N, D) patch tokens or a (B, g, g, D)
+  grid."""
+
+  def __init__(self, config: Mapping):
+    super().__init__()
+    self.config = dict(config)
+    self.tasks = tuple(config["tasks"])
+    eps = config.get("layer_norm_eps", LAYER_NORM_EPS)
+    activation = config.get("activation", HEADS_ACTIVATION)
+    for name, channels in head_channels(config).items():
+      setattr(self, name, UpsampleHead(config["width"], config["hidden"], config["upsample"],
+                                       channels, eps, activation))
+
+  def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+    grid = patch_grid(patches) if patches.ndim == 3 else patches
+    out = {}
+    if "seg" in self.tasks:
+      out["seg"] = self.seg_head(grid)
+    if "depth" in self.tasks:
+      out["depth"] = self.depth_head(grid)[..., 0]
+    if "normals" in self.tasks:
+      raw = self.normals_head(grid)
+      out["normals"] = raw / raw.norm(dim=-1, keepdim=True).clamp_min(NORMALS_MIN_NORM)
+    if "det" in self.tasks:
+      out["det_heatmap"] = self.det_heatmap_head(grid)
+      box = self.det_box_head(grid)
+      out["det_size"], out["det_offset"] = box[..., :2], box[..., 2:]
+    return out
+
+  @classmethod
+  def from_pretrained(cls, folder: str) -> "TaskHeads":
+    state, config = load_heads(folder)
+    heads = cls(config)
+    heads.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    return heads.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Our parameter tree (params["heads"], NumPy) <-> this module's state dict
+
+
+def _torch_name(head: str, layer: str, leaf: str) -> str:
+  if layer == "ln":
+    return f"{head}.ln." + {"scale": "weight", "bias": "bias"}[leaf]
+  return f"{head}.{layer}." + {"kernel": "weight", "bias": "bias"}[leaf]
+
+
+def heads_to_torch(heads: Mapping) -> dict[str, np.ndarray]:
+  """{head: {layer: {leaf: array}}} (flax names) -> this module's state dict (NumPy float32)."""
+  state = {}
+  for head, layers in heads.items():
+    for layer, leaves in layers.items():
+      for leaf, value in leaves.items():
+        try:
+          name = _torch_name(head, layer, leaf)
+        except KeyError:
+          raise ValueError(f"heads: parameter {head}/{layer}/{leaf} has no PyTorch name") from None
+        value = np.asarray(value, np.float32)
+        if leaf == "kernel":  # flax (kh, kw, in, out) -> torch (out, in, kh, kw)
+          value = value.transpose(3, 2, 0, 1)
+        state[name] = np.ascontiguousarray(value)
+  return state
+
+
+def heads_from_torch(state: Mapping) -> dict:
+  """Inverse of `heads_to_torch`."""
+  heads: dict = {}
+  for name, value in state.items():
+    head, layer, leaf = name.split(".")
+    value = np.asarray(value, np.float32)
+    if layer == "ln":
+      leaf = {"weight": "scale", "bias": "bias"}[leaf]
+    else:
+      leaf = {"weight": "kernel", "bias": "bias"}[leaf]
+      if leaf == "kernel":
+        value = value.transpose(2, 3, 1, 0)
+    heads.setdefault(head, {}).setdefault(layer, {})[leaf] = np.ascontiguousarray(value)
+  return heads
+
+
+def expected_state_shapes(config: Mapping) -> dict[str, tuple]:
+  return {name: tuple(p.shape) for name, p in TaskHeads(config).state_dict().items()}
+
+
+def save_heads(heads: Mapping, config: Mapping, folder: str) -> list[str]:
+  """Writes `heads.safetensors` and `heads_config.json`; names and shapes must fit `config`."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  state = heads_to_torch(heads)
+  _check_state(state, config, "heads params")
+  os.makedirs(folder, exist_ok=True)
+  weights, config_path = os.path.join(folder, HEADS_WEIGHTS), os.path.join(folder, HEADS_CONFIG)
+  save_file(state, weights, metadata={"format": "pt"})
+  with open(config_path, "w") as f:
+    json.dump(dict(config), f, indent=2)
+  return [weights, config_path]
+
+
+def load_heads(folder: str) -> tuple[dict[str, np.ndarray], dict]:
+  """(state dict as NumPy, heads config) of an exported folder, names and shapes checked."""
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(folder, HEADS_CONFIG)) as f:
+    config = json.load(f)
+  state = load_file(os.path.join(folder, HEADS_WEIGHTS))
+  _check_state(state, config, os.path.join(folder, HEADS_WEIGHTS))
+  return state, config
+
+
+def _check_state(state: Mapping, config: Mapping, origin: str) -> None:
+  expected = expected_state_shapes(config)
+  missing = sorted(set(expected) - set(state))
+  unexpected = sorted(set(state) - set(expected))
+  wrong = [f"{n}: expected {expected[n]}, found {tuple(state[n].shape)}"
+           for n in expected if n in state and tuple(state[n].shape) != expected[n]]
+  if missing or unexpected or wrong:
+    raise ValueError(f"{origin}: does not fit the heads config {config.get('tasks')}: missing "
+                     f"{missing}, unexpected {unexpected}, wrong shapes {wrong}")
