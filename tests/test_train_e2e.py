@@ -100,3 +100,27 @@ def test_first_step_loss_is_the_same_on_1_and_8_devices(tmp_path):
     losses.append(_rows(workdir)[0])
   for key in ("loss", "loss/contrastive", "loss/seg", "loss/det"):
     assert losses[0][key] == pytest.approx(losses[1][key], rel=1e-5), key
+
+
+def test_two_process_run_then_resume_in_one_process(tmp_path):
+  """Real multi-host: two JAX processes on localhost (4 CPU devices each) train together, and a
+  single 8-device process resumes their checkpoint."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  workdir = str(tmp_path / "multi")
+  flags = ["--config.total_steps=4", "--config.log_every=1", "--config.checkpoint_every=4",
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  processes = [subprocess.Popen(_command(workdir, *flags, f"--process_id={i}"), env=_env(4),
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output[-3000:]
+  rows = _rows(workdir)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]  # only process 0 writes metrics
+  assert "step 4/4" in outputs[0] and "step 4/4" not in outputs[1]
+  assert _checkpoint_steps(workdir) == [4]
+  _train(workdir, "--config.total_steps=6", "--config.log_every=1", devices=8)
+  assert [r["step"] for r in _rows(workdir)][4:] == [5, 6]
