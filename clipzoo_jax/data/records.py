@@ -194,7 +194,10 @@ def make_example(key: str, image_jpeg: bytes, text: str, labels: Labels | None =
     # Parsers cannot tell an empty list from an absent one; the count keeps "expert ran, found
     # no objects" (a valid negative label) apart from "no det label".
     feature["det/count"] = _int_feature(tf, [len(classes)])
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  # deterministic: the feature map's order otherwise follows Python's per-process string hash,
+  # and a rerun of the same job would write different bytes (and shard checksums).
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
+      deterministic=True)
 
 
 def parse_example(serialized: bytes) -> dict:
