@@ -125,11 +125,23 @@ def make_train_step(model, tx, schedule, config, shardings, batch_shardings, mes
 
   jitted = jax.jit(train_step, in_shardings=(shardings, batch_shardings),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  return TrainStep(jitted, mesh, rules)
 
-  def step(state, batch):
-    with sharding.activation_sharding(mesh, rules):
-      return jitted(state, batch)
-  return step
+
+class TrainStep:
+  """The jitted step, always traced with the activation-sharding context set."""
+
+  def __init__(self, jitted, mesh, rules):
+    self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+  def __call__(self, state, batch):
+    with sharding.activation_sharding(self.mesh, self.rules):
+      return self.jitted(state, batch)
+
+  def compile(self, state, batch):
+    """Ahead-of-time compiled executable (memory_analysis, cost_analysis) for these inputs."""
+    with sharding.activation_sharding(self.mesh, self.rules):
+      return self.jitted.lower(state, batch).compile()
 
 
 class PreemptionFlag:
