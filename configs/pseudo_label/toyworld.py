@@ -2,7 +2,7 @@
 
 Exercises the whole job without any model: e.g.
   python tools/pseudo_label.py --config=configs/pseudo_label/toyworld.py:tasks=seg+depth \
-      --corpus=tar:/data/toyworld/{00000..00003}.tar --output_dir=/data/toyworld_pl
+      --corpus='tar:/data/toyworld/{00000..00003}.tar' --output_dir=/data/toyworld_pl
 """
 
 import ml_collections

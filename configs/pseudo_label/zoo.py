@@ -4,7 +4,7 @@ Choose one expert per task by short name; an empty name leaves the task out. Mod
 hub ids (the Hugging Face cache) or, with `models_dir`, from `<models_dir>/<hub id>` folders:
   python tools/pseudo_label.py \
       --config=configs/pseudo_label/zoo.py:depth=dpt-large,seg=segformer-b5,det=rtdetr-r50,dtype=bfloat16 \
-      --corpus=tar:/data/cc3m/{00000..00331}.tar --output_dir=/data/cc3m_pl
+      --corpus='tar:/data/cc3m/{00000..00331}.tar' --output_dir=/data/cc3m_pl
 Normals: `from-depth` (geometric, from this job's depth expert) or `onnx` with `normals_onnx=PATH`
 (set its preprocessing with --config.experts.normals.input_size=... etc.).
 """

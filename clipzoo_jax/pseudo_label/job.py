@@ -1,0 +1,345 @@
+"""The pseudo-labelling job: corpus -> experts -> TFRecord shards + manifest, sharded and resumable.
+
+The unit of work is an output shard = one slice of the corpus plan (fixed in `plan.json` by the
+first worker). Worker w of n takes shards i with i % n == w; complete shards are skipped, partial
+ones removed and redone, so a job killed at any moment and rerun writes every key exactly once.
+Per shard three stages overlap: a reader thread reads raw pairs and hands batches to a decode
+pool (image decode + each expert's `prepare`), the main thread runs the experts, and a writer
+thread encodes labels and writes records. The last worker to finish writes the manifest.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import os
+import queue
+import threading
+import time
+from concurrent import futures
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from clipzoo_jax.data import records, shards
+from clipzoo_jax.experts import base
+from clipzoo_jax.pseudo_label import corpus as corpus_lib
+from clipzoo_jax.pseudo_label import report
+
+PLAN_NAME = "plan.json"
+
+
+class JobError(ValueError):
+  """The output directory belongs to a different job; the message names the field and values."""
+
+
+@dataclasses.dataclass
+class JobOptions:
+  batch_size: int = 16
+  decode_threads: int = 2
+  prefetch_batches: int = 4      # batches read/decoded ahead of the experts; batches queued to write
+  split: str = "train"           # shard file prefix
+  jpeg_quality: int = 95         # only for sources that are not JPEG already
+  progress_every_s: float = 10.0
+
+
+@dataclasses.dataclass
+class Decoded:
+  key: str
+  jpeg: bytes
+  caption: str
+  image: np.ndarray
+  prepared: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan: the corpus split into slices, fixed once per output directory.
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def job_identity(corpus: corpus_lib.Corpus, experts: Mapping[str, base.Expert], split: str) -> dict:
+  return {"corpus": corpus.describe(), "split": split,
+          "experts": {task: expert.manifest_entry() for task, expert in experts.items()}}
+
+
+def load_or_write_plan(output_dir: str, corpus: corpus_lib.Corpus,
+                       experts: Mapping[str, base.Expert], split: str) -> dict:
+  """The directory's plan; written on first use, and on reruns checked against this job."""
+  path = os.path.join(output_dir, PLAN_NAME)
+  identity = json.loads(json.dumps(job_identity(corpus, experts, split)))
+  if os.path.exists(path):
+    with open(path) as f:
+      plan = json.load(f)
+    for field, found in identity.items():
+      if plan.get(field) != found:
+        raise JobError(f"{path}: this directory was made by a different job; {field} expected "
+                       f"{json.dumps(plan.get(field))}, found {json.dumps(found)}. Use a new "
+                       "output directory or the original config.")
+    return plan
+  plan = dict(identity, slices=[part.to_json() for part in corpus.plan()])
+  os.makedirs(output_dir, exist_ok=True)
+  _write_json(path, plan)
+  return plan
+
+
+def shard_names(plan: Mapping) -> list[str]:
+  count = len(plan["slices"])
+  return [shards.shard_name(plan["split"], i, count) for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1 (decode pool): raw pair -> decoded image + expert inputs, or a bad input.
+
+
+def decode_item(item: corpus_lib.Item, experts: Mapping[str, base.Expert],
+                jpeg_quality: int) -> Decoded | report.BadInput:
+  """Never raises for a bad pair. EXIF orientation is ignored, as tf.io.decode_jpeg ignores it."""
+  if item.problem:
+    return report.BadInput(item.key, item.problem)
+  if item.image is None:
+    return report.BadInput(item.key, "missing image")
+  if not item.caption:
+    return report.BadInput(item.key, "missing caption")
+  try:
+    source = Image.open(io.BytesIO(item.image))
+    image = np.asarray(source.convert("RGB"))
+  except Exception as e:  # PIL raises many types for corrupt files
+    return report.BadInput(item.key, f"undecodable image: {type(e).__name__}: {e}")
+  # Keep the source JPEG byte-exact; re-encode other formats (and CMYK JPEGs) for the loader.
+  keep = source.format == "JPEG" and source.mode in ("RGB", "L")
+  jpeg = item.image if keep else records.encode_jpeg(image, jpeg_quality)
+  prepared = {}
+  for task, expert in experts.items():
+    try:
+      prepared[task] = expert.prepare(image, item.key)
+    except Exception as e:  # e.g. an image too small for the model's preprocessing
+      return report.BadInput(item.key, f"expert {task} cannot preprocess: {type(e).__name__}: {e}")
+  return Decoded(item.key, jpeg, item.caption, image, prepared)
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+  batch = []
+  for item in items:
+    batch.append(item)
+    if len(batch) == size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+class _Prefetcher:
+  """A reader thread submits decode work for upcoming batches; iterating yields them in order."""
+
+  def __init__(self, batches: Iterator[list], decode: Callable, pool: futures.Executor, depth: int):
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._read, args=(batches, decode, pool), daemon=True)
+    self._thread.start()
+
+  def _put(self, value) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(value, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _read(self, batches, decode, pool) -> None:
+    try:
+      for batch in batches:  # one task per item: all decode threads work on every batch
+        if not self._put([pool.submit(decode, item) for item in batch]):
+          return
+      self._put(None)
+    except BaseException as e:  # surfaced in the consumer thread
+      self._put(e)
+
+  def __iter__(self) -> Iterator[list]:
+    while True:
+      entry = self._queue.get()
+      if entry is None:
+        return
+      if isinstance(entry, BaseException):
+        raise entry
+      yield [task.result() for task in entry]
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2 (main thread): experts. Stage 3 (writer thread): encode and write.
+
+
+def _merge(into: records.Labels, labels: records.Labels, task: str) -> None:
+  fields = ("det_boxes", "det_classes", "det_scores") if task == "det" else (task,)
+  for field in fields:
+    setattr(into, field, getattr(labels, field))
+
+
+def label_batch(experts: Mapping[str, base.Expert], decoded: Sequence[Decoded]) -> list[records.Labels]:
+  """All experts over one batch, in dependency order; each sees the labels of those before it."""
+  batch = base.Batch([d.key for d in decoded], [d.image for d in decoded],
+                     [records.Labels() for _ in decoded])
+  for task, expert in experts.items():
+    produced = expert.run([d.prepared[task] for d in decoded], batch)
+    for merged, labels in zip(batch.labels, produced):
+      _merge(merged, labels, task)
+  return batch.labels
+
+
+def num_seg_classes(experts: Mapping[str, base.Expert]) -> int:
+  return len(experts["seg"].classes) if "seg" in experts else 254
+
+
+def _write_records(writer: shards.ShardWriter, decoded: Sequence[Decoded],
+                   labels: Sequence[records.Labels], seg_classes: int) -> None:
+  for item, item_labels in zip(decoded, labels):
+    writer.write(item.key, records.make_example(item.key, item.jpeg, item.caption, item_labels,
+                                                num_seg_classes=seg_classes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards and workers
+
+
+@dataclasses.dataclass
+class _Pools:
+  decode: futures.ThreadPoolExecutor
+  write: futures.ThreadPoolExecutor
+
+
+def label_shard(path: str, part: corpus_lib.Slice, corpus: corpus_lib.Corpus,
+                experts: Mapping[str, base.Expert], options: JobOptions, pools: _Pools,
+                progress: report.Progress) -> dict:
+  """Writes one complete shard (+ its bad-input report) for `part`; returns the report."""
+  shard_report = report.ShardReport(os.path.basename(path), part.to_json())
+  seen: set[str] = set()
+  decode = lambda item: decode_item(item, experts, options.jpeg_quality)
+  started = time.perf_counter()
+  with shards.ShardWriter(path) as writer:
+    pending: collections.deque = collections.deque()
+    prefetcher = _Prefetcher(_batches(corpus.read(part), options.batch_size), decode,
+                             pools.decode, options.prefetch_batches)
+    try:
+      wait = time.perf_counter()
+      for decoded in prefetcher:
+        shard_report.seconds["wait_input"] += time.perf_counter() - wait
+        good = _sort_out(decoded, seen, shard_report)
+        if good:
+          compute = time.perf_counter()
+          labels = label_batch(experts, good)
+          shard_report.seconds["experts"] += time.perf_counter() - compute
+          pending.append(pools.write.submit(_write_records, writer, good, labels,
+                                            num_seg_classes(experts)))
+        wait = time.perf_counter()
+        while len(pending) > options.prefetch_batches:
+          pending.popleft().result()
+        shard_report.seconds["wait_write"] += time.perf_counter() - wait
+        progress.add(len(decoded), len(decoded) - len(good))
+        wait = time.perf_counter()
+      while pending:
+        pending.popleft().result()
+    finally:
+      prefetcher.close()
+      futures.wait(pending)  # the writer must be idle before ShardWriter closes the file
+    shard_report.written = writer.num_records
+    shard_report.seconds["total"] = time.perf_counter() - started
+    # Written before the shard's sidecar: a complete shard always has its report.
+    _write_json(report.shard_report_path(path), shard_report.to_json())
+  return shard_report.to_json()
+
+
+def _sort_out(decoded: Sequence, seen: set[str], shard_report: report.ShardReport) -> list[Decoded]:
+  """Counts a batch, moves bad inputs and repeated keys into the report, returns the good ones."""
+  good = []
+  for item in decoded:
+    shard_report.read += 1
+    if isinstance(item, report.BadInput):
+      shard_report.bad.append(item)
+    elif item.key in seen:
+      shard_report.bad.append(report.BadInput(item.key, "duplicate key: already in this shard"))
+    else:
+      seen.add(item.key)
+      good.append(item)
+  return good
+
+
+def run_worker(corpus: corpus_lib.Corpus, experts: Mapping[str, base.Expert], output_dir: str,
+               options: JobOptions = JobOptions(), num_workers: int = 1, worker_index: int = 0,
+               command: str = "", log: Callable[[str], None] = print) -> dict | None:
+  """Labels this worker's incomplete shards; writes the manifest if every shard is then complete.
+
+  Returns the manifest when this call wrote it, else None (other workers still running).
+  """
+  if not 0 <= worker_index < num_workers:
+    raise JobError(f"worker_index must be in [0, {num_workers}), found {worker_index}")
+  import tensorflow  # noqa: F401  (imported now, so the first shard's img/s does not include it)
+  plan = load_or_write_plan(output_dir, corpus, experts, options.split)
+  names = shard_names(plan)
+  mine = [i for i in range(len(names)) if i % num_workers == worker_index]
+  removed = shards.remove_partial(output_dir, names=[names[i] for i in mine])
+  if removed:
+    log(f"worker {worker_index}/{num_workers}: removed partial files {removed}")
+  todo = [i for i in mine if not shards.is_complete(os.path.join(output_dir, names[i]))]
+  slices = [corpus_lib.Slice.from_json(s) for s in plan["slices"]]
+  progress = report.Progress(f"worker {worker_index}/{num_workers}", [slices[i].count for i in todo],
+                             log, options.progress_every_s)
+  log(f"worker {worker_index}/{num_workers}: {len(todo)} of {len(mine)} shards to do "
+      f"({len(names)} in the job)")
+  with futures.ThreadPoolExecutor(options.decode_threads) as decode_pool, \
+       futures.ThreadPoolExecutor(1) as write_pool:
+    for i in todo:
+      label_shard(os.path.join(output_dir, names[i]), slices[i], corpus, experts, options,
+                  _Pools(decode_pool, write_pool), progress)
+      progress.shard_done()
+  return finalize(output_dir, plan, command, log)
+
+
+def finalize(output_dir: str, plan: Mapping, command: str,
+             log: Callable[[str], None] = print) -> dict | None:
+  """Manifest + merged bad-input report, once every shard of the plan is complete."""
+  names = shard_names(plan)
+  incomplete = [n for n in names if not shards.is_complete(os.path.join(output_dir, n))]
+  if incomplete:
+    log(f"{len(incomplete)} shards still being written by other workers; the last worker to "
+        "finish writes the manifest (or rerun any worker)")
+    return None
+  merged = report.merge(output_dir, names)
+  extra = {"corpus": plan["corpus"], "plan": PLAN_NAME,
+           "bad_inputs": {"path": report.REPORT_NAME, "count": merged["count"],
+                          "by_reason": merged["by_reason"]},
+           "counts": merged["counts"]}
+  manifest = shards.write_manifest(output_dir, plan["experts"], names, command, extra=extra)
+  log(f"manifest written: {manifest['num_records']} records in {len(names)} shards, "
+      f"{merged['count']} bad inputs listed in {report.REPORT_NAME}")
+  return manifest
+
+
+def verify_job(output_dir: str) -> list[str]:
+  """`shards.verify` plus the job's own bookkeeping: plan vs manifest, reports vs shards."""
+  problems = shards.verify(output_dir)
+  manifest = shards.read_manifest(output_dir)
+  plan_path = os.path.join(output_dir, PLAN_NAME)
+  if not os.path.exists(plan_path):
+    return problems + [f"{plan_path}: missing"]
+  with open(plan_path) as f:
+    names = shard_names(json.load(f))
+  listed = [shard["path"] for shard in manifest["shards"]]
+  if listed != names:
+    problems.append(f"{output_dir}: manifest lists shards {listed[:3]}..., plan expects {names[:3]}...")
+  problems += report.check(output_dir, manifest)
+  return problems

@@ -1,0 +1,69 @@
+"""Pseudo-label an image-text corpus with model-zoo experts into TFRecord shards + manifest.
+
+  python tools/pseudo_label.py --config=configs/pseudo_label/zoo.py:seg=segformer-b5 \
+      --corpus='tar:/data/cc3m/{00000..00331}.tar' --output_dir=/data/cc3m_pl \
+      [--num_workers=8 --worker_index=3]
+  python tools/pseudo_label.py --verify --output_dir=/data/cc3m_pl
+
+Rerunning the same command resumes: complete shards are skipped, partial ones redone. Worker
+defaults come from the launcher's environment (WORLD_SIZE/RANK, SLURM_NTASKS/SLURM_PROCID).
+"""
+
+import os
+import shlex
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from clipzoo_jax.pseudo_label import config as config_lib
+from clipzoo_jax.pseudo_label import job
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/pseudo_label/*.py[:args]")
+_CORPUS = flags.DEFINE_string("corpus", None, "tar:PATTERN | csv:PATH | tsv:PATH | tfds:NAME/SPLIT")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "directory of the shards and manifest",
+                                  required=True)
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "workers sharing the job")
+_WORKER_INDEX = flags.DEFINE_integer("worker_index", None, "this worker, in [0, num_workers)")
+_VERIFY = flags.DEFINE_bool("verify", False, "check a finished directory against its manifest")
+
+
+def _from_env(names, default: int) -> int:
+  for name in names:
+    if os.environ.get(name):
+      return int(os.environ[name])
+  return default
+
+
+def verify(output_dir: str) -> int:
+  problems = job.verify_job(output_dir)
+  for problem in problems:
+    print(f"PROBLEM {problem}")
+  print(f"{output_dir}: {'OK' if not problems else f'{len(problems)} problems'}")
+  return 1 if problems else 0
+
+
+def main(argv) -> int:
+  del argv
+  if _VERIFY.value:
+    return verify(_OUTPUT_DIR.value)
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required (e.g. configs/pseudo_label/zoo.py)")
+  num_workers = _NUM_WORKERS.value or _from_env(("WORLD_SIZE", "SLURM_NTASKS"), 1)
+  worker_index = _WORKER_INDEX.value
+  if worker_index is None:
+    worker_index = _from_env(("RANK", "SLURM_PROCID"), 0)
+  config = _CONFIG.value
+  corpus = config_lib.make_corpus(config, _CORPUS.value)
+  experts = config_lib.make_experts(config)
+  job.run_worker(corpus, experts, _OUTPUT_DIR.value, config_lib.job_options(config),
+                 num_workers=num_workers, worker_index=worker_index,
+                 command=shlex.join([os.path.basename(sys.executable)] + sys.argv),
+                 log=lambda line: print(line, flush=True))
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
