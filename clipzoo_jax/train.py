@@ -228,25 +228,36 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   checkpointer, start)
 
 
+def interval_mean(step_metrics: list[dict]) -> dict:
+  """Mean of each metric over the steps since the last log row (learning rate: the last one)."""
+  fetched = jax.device_get(step_metrics)
+  mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+  mean["learning_rate"] = float(fetched[-1]["learning_rate"])
+  return mean
+
+
 def run_loop(config, workdir, state, step_fn, first_batch, iterator, mesh, pipeline,
              checkpointer, start: int) -> dict:
   writer = metrics_lib.MetricsWriter(workdir, config.total_steps)
   progress = metrics_lib.Progress(config.total_steps, start, config.global_batch_size)
   preemption = PreemptionFlag()
-  batch, row = first_batch, {}
+  batch, row, pending = first_batch, {}, []
   for step in range(start + 1, config.total_steps + 1):
     if batch is None:
       batch = loader_lib.to_global_batch(next(iterator), mesh)
     state, step_metrics = step_fn(state, batch)
+    pending.append(step_metrics)  # device arrays: fetched only when logging
     batch = None
-    if step % config.log_every == 0 or step == config.total_steps or step == start + 1:
+    final = step == config.total_steps or preemption.requested
+    if step % config.log_every == 0 or final or step == start + 1:
       rate, eta = progress.tick(step)
-      row = writer.write(step, {**step_metrics, "examples_per_sec": rate})
+      row = writer.write(step, {**interval_mean(pending), "examples_per_sec": rate})
+      pending = []
       if not np.isfinite(row["loss"]):
-        raise FloatingPointError(f"step {step}: loss is {row['loss']}; stopping before saving it")
+        raise FloatingPointError(f"step {step}: mean loss since the last row is {row['loss']}; "
+                                 "stopping (the last checkpoint may predate the divergence)")
       if jax.process_index() == 0:
         print(metrics_lib.Progress.line(step, config.total_steps, row, rate, eta), flush=True)
-    final = step == config.total_steps or preemption.requested
     checkpointer.save(step, state, pipeline.get_state(), force=final)
     if preemption.requested:
       log.warning("SIGTERM: saved step %d, stopping", step)
@@ -254,6 +265,9 @@ def run_loop(config, workdir, state, step_fn, first_batch, iterator, mesh, pipel
   checkpointer.wait()
   checkpointer.close()
   writer.close()
+  if jax.process_index() == 0:
+    from clipzoo_jax import plots
+    print(f"loss curves: {plots.plot_losses(workdir)}", flush=True)
   return row
 
 

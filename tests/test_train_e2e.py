@@ -58,6 +58,7 @@ def test_demo_loss_falls_resumes_and_first_step_matches_one_device(tmp_path):
   workdir = str(tmp_path / "demo")
   out = _train(workdir, "--config.total_steps=40", "--config.checkpoint_every=20", devices=8)
   assert "ex/s ETA" in out
+  assert os.path.getsize(os.path.join(workdir, "loss.png")) > 1000
   rows = _rows(workdir)
   assert rows[0]["step"] == 1 and rows[-1]["step"] == 40
   for key in ("loss", "loss/contrastive", "loss/seg", "loss/depth", "loss/normals", "loss/det",
