@@ -248,7 +248,8 @@ def run_loop(config, workdir, state, step_fn, first_batch, iterator, mesh, pipel
     state, step_metrics = step_fn(state, batch)
     pending.append(step_metrics)  # device arrays: fetched only when logging
     batch = None
-    final = step == config.total_steps or preemption.requested
+    stopping = preemption.requested  # read once: a signal landing mid-step waits for the next
+    final = step == config.total_steps or stopping
     if step % config.log_every == 0 or final or step == start + 1:
       rate, eta = progress.tick(step)
       row = writer.write(step, {**interval_mean(pending), "examples_per_sec": rate})
@@ -259,7 +260,7 @@ def run_loop(config, workdir, state, step_fn, first_batch, iterator, mesh, pipel
       if jax.process_index() == 0:
         print(metrics_lib.Progress.line(step, config.total_steps, row, rate, eta), flush=True)
     checkpointer.save(step, state, pipeline.get_state(), force=final)
-    if preemption.requested:
+    if stopping:
       log.warning("SIGTERM: saved step %d, stopping", step)
       break
   checkpointer.wait()
