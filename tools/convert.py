@@ -37,13 +37,13 @@ def export(args) -> dict:
   import jax
   from clipzoo_jax import checkpoint
   from clipzoo_jax import convert
-  from clipzoo_jax.data import augment
+  from clipzoo_jax.data import normalization
   params, config = checkpoint.restore_params(args.workdir, args.step)
   if jax.process_index() != 0:
     return {}
   files = convert.export_pretrained(
-      params, _fp32(config.model), args.out, image_mean=augment.CLIP_MEAN,
-      image_std=augment.CLIP_STD, tokenizer_dir=_tokenizer_dir(args.workdir, config),
+      params, _fp32(config.model), args.out, image_mean=normalization.CLIP_MEAN,
+      image_std=normalization.CLIP_STD, tokenizer_dir=_tokenizer_dir(args.workdir, config),
       open_clip_path=args.open_clip)
   return {"out": args.out, "files": files, "open_clip": args.open_clip}
 
