@@ -36,3 +36,18 @@ def test_sweep_expands_into_unique_named_points():
   demo = sweep.expand("configs/demo.py")
   assert [p.name for p in demo] == ["clip_ft", "cliptex"]
   assert demo[0].flags() == ["--config=configs/demo.py:tasks=none"]
+
+
+def test_sweep_tool_dry_run_prints_one_train_command_per_point(tmp_path):
+  import subprocess
+  import sys
+  result = subprocess.run(
+      [sys.executable, "tools/sweep.py", "--config", "configs/demo.py", "--workdir",
+       str(tmp_path), "--dry_run", "--", "--config.total_steps=5"],
+      capture_output=True, text=True, check=True)
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 2
+  assert "--config=configs/demo.py:tasks=none" in lines[0]
+  assert f"--workdir={tmp_path}/clip_ft" in lines[0] and "--config.total_steps=5" in lines[0]
+  assert f"--workdir={tmp_path}/cliptex" in lines[1]
+  assert not any(tmp_path.iterdir())  # a dry run creates nothing
