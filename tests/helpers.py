@@ -1,4 +1,8 @@
-"""Small shared builders for tests: a tiny CLIPTeX config and its initialised parameters."""
+"""Small shared builders for tests: a tiny CLIPTeX config, its initialised parameters, and
+webdataset-style tar files."""
+
+import io
+import tarfile
 
 import jax
 import jax.numpy as jnp
@@ -27,3 +31,12 @@ def init_params(config, seed=0):
   image = jnp.zeros((2, config.model.image.image_size, config.model.image.image_size, 3))
   tokens = jnp.zeros((2, config.model.text.context_length), jnp.int32)
   return model, nn.unbox(model.init(jax.random.PRNGKey(seed), image, tokens))["params"]
+
+
+def write_tar(path, members):
+  with tarfile.open(path, "w") as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  return str(path)

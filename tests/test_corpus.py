@@ -2,22 +2,13 @@
 into slices covers every key once, in order; bad pairs come back as items, never as exceptions."""
 
 import io
-import tarfile
 
 import numpy as np
 import pytest
 
 from clipzoo_jax.data import records
 from clipzoo_jax.pseudo_label import corpus
-
-
-def write_tar(path, members):
-  with tarfile.open(path, "w") as tar:
-    for name, data in members:
-      info = tarfile.TarInfo(name)
-      info.size = len(data)
-      tar.addfile(info, io.BytesIO(data))
-  return str(path)
+from tests.helpers import write_tar
 
 
 def _jpeg(seed):

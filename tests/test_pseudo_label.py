@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 import types
 import warnings
@@ -22,18 +21,10 @@ from clipzoo_jax.experts import base, tiny
 from clipzoo_jax.pseudo_label import corpus as corpus_lib
 from clipzoo_jax.pseudo_label import config as config_lib
 from clipzoo_jax.pseudo_label import job, report
+from tests.helpers import write_tar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 warnings.filterwarnings("ignore", message=".*requires torchvision.*")
-
-
-def write_tar(path, members):
-  with tarfile.open(path, "w") as tar:
-    for name, data in members:
-      info = tarfile.TarInfo(name)
-      info.size = len(data)
-      tar.addfile(info, io.BytesIO(data))
-  return str(path)
 
 
 def toyworld_tars(directory, num_tars, per_tar, size=32):

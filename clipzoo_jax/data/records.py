@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Mapping
 
 import numpy as np
 from PIL import Image

@@ -1,5 +1,5 @@
-"""Pseudo-labelling configs: big_vision-style `get_config(arg)` arguments, and the job's parts
-(corpus, experts, options) built from a config (`configs/pseudo_label/*.py`)."""
+"""The pseudo-labelling job's parts (corpus, experts, options) built from a config
+(`configs/pseudo_label/*.py`, whose args parse with `clipzoo_jax.config_args`)."""
 
 from __future__ import annotations
 
@@ -10,30 +10,6 @@ import ml_collections
 from clipzoo_jax.experts import base
 from clipzoo_jax.pseudo_label import corpus as corpus_lib
 from clipzoo_jax.pseudo_label import job
-
-
-def _convert(name: str, text: str, default: Any):
-  if isinstance(default, bool):
-    if text.lower() not in ("true", "false", "1", "0", ""):
-      raise ValueError(f"config arg {name}: expected a boolean, found {text!r}")
-    return text.lower() in ("true", "1", "")
-  if default is None or isinstance(default, str):
-    return text
-  return type(default)(text)
-
-
-def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """`"a=1,b=x,flag"` -> ConfigDict, values typed like their defaults (a bare name = True).
-
-  As in big_vision, so `configs/pseudo_label/zoo.py:depth=dpt-large,dtype=bfloat16` works.
-  """
-  values = dict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    name, sep, text = item.partition("=")
-    if name not in defaults:
-      raise ValueError(f"config arg {name!r} unknown; expected one of {sorted(defaults)}")
-    values[name] = _convert(name, text, defaults[name]) if sep else True
-  return ml_collections.ConfigDict(values)
 
 
 def job_options(config: ml_collections.ConfigDict) -> job.JobOptions:

@@ -7,7 +7,7 @@ Exercises the whole job without any model: e.g.
 
 import ml_collections
 
-from clipzoo_jax.pseudo_label.config import parse_arg
+from clipzoo_jax.config_args import parse_arg
 
 
 def get_config(arg=None):

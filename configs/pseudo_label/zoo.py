@@ -13,7 +13,7 @@ import os
 
 import ml_collections
 
-from clipzoo_jax.pseudo_label.config import parse_arg
+from clipzoo_jax.config_args import parse_arg
 
 # short name -> (expert kind, hub id)
 DEPTH = {
