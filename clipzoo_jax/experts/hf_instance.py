@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import abc
+
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -44,20 +46,39 @@ def _top_detections(boxes, classes, scores, max_detections: int | None) -> recor
                         det_scores=scores[order].astype(np.float32))
 
 
-@base.register("hf_detection")
-class HFDetectionExpert(HFExpert):
-  """Boxes, classes and scores above `threshold` from `AutoModelForObjectDetection`."""
-  kind = "hf_detection"
+class _ThresholdedExpert(HFExpert):
+  """An HF model whose objects above `threshold` (at most `max_detections`) become boxes."""
 
   def __init__(self, task: str, source: str, device: str = "auto", dtype: str = "float32",
                threshold: float = 0.5, max_detections: int | None = 100,
                processor_kwargs: Mapping | None = None):
-    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+    from transformers import AutoImageProcessor
     self.task, self.source = task, source
     self.threshold, self.max_detections = float(threshold), max_detections
-    self.model = HFModel(source, AutoModelForObjectDetection.from_pretrained,
-                         AutoImageProcessor.from_pretrained, device, dtype, processor_kwargs)
+    self.model = HFModel(source, self.load_model, AutoImageProcessor.from_pretrained, device,
+                         dtype, processor_kwargs)
     self.classes = self.model.class_names()
+
+  @staticmethod
+  @abc.abstractmethod
+  def load_model(source: str, **kwargs):
+    """The model's Auto class `from_pretrained`."""
+
+  def manifest_entry(self) -> dict:
+    entry = super().manifest_entry()
+    entry["score_threshold"] = self.threshold
+    return entry
+
+
+@base.register("hf_detection")
+class HFDetectionExpert(_ThresholdedExpert):
+  """Boxes, classes and scores above `threshold` from `AutoModelForObjectDetection`."""
+  kind = "hf_detection"
+
+  @staticmethod
+  def load_model(source: str, **kwargs):
+    from transformers import AutoModelForObjectDetection
+    return AutoModelForObjectDetection.from_pretrained(source, **kwargs)
 
   def run(self, prepared: Sequence[dict], batch: base.Batch) -> list[records.Labels]:
     labels: list[records.Labels | None] = [None] * len(batch)
@@ -71,32 +92,26 @@ class HFDetectionExpert(HFExpert):
                                     self.max_detections)
     return labels
 
-  def manifest_entry(self) -> dict:
-    entry = super().manifest_entry()
-    entry["score_threshold"] = self.threshold
-    return entry
-
 
 @base.register("hf_instance")
-class HFInstanceExpert(HFExpert):
+class HFInstanceExpert(_ThresholdedExpert):
   """Instances above `threshold` from a universal segmentation model; each mask's extent is a box."""
   kind = "hf_instance"
 
-  def __init__(self, task: str, source: str, device: str = "auto", dtype: str = "float32",
-               threshold: float = 0.5, max_detections: int | None = 100,
-               processor_kwargs: Mapping | None = None):
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForUniversalSegmentation
-    self.task, self.source = task, source
-    self.threshold, self.max_detections = float(threshold), max_detections
+  def __init__(self, task: str, source: str, **kwargs):
+    from transformers import AutoConfig
     model_type = AutoConfig.from_pretrained(source).model_type
     if model_type not in ("mask2former", "maskformer"):
       # OneFormer's instance post-processing in transformers 5.23 needs torchvision, which this
       # project does not install; its semantic mode works through hf_semantic.
       raise base.ExpertError(f"experts.{task}: hf_instance takes Mask2Former or MaskFormer "
                              f"models, found {model_type!r} at {source!r}")
-    self.model = HFModel(source, AutoModelForUniversalSegmentation.from_pretrained,
-                         AutoImageProcessor.from_pretrained, device, dtype, processor_kwargs)
-    self.classes = self.model.class_names()
+    super().__init__(task, source, **kwargs)
+
+  @staticmethod
+  def load_model(source: str, **kwargs):
+    from transformers import AutoModelForUniversalSegmentation
+    return AutoModelForUniversalSegmentation.from_pretrained(source, **kwargs)
 
   def run(self, prepared: Sequence[dict], batch: base.Batch) -> list[records.Labels]:
     labels: list[records.Labels | None] = [None] * len(batch)
@@ -115,8 +130,3 @@ class HFInstanceExpert(HFExpert):
     classes = np.asarray([s["label_id"] for s in info], np.int64).reshape(-1)[present]
     scores = np.asarray([s["score"] for s in info], np.float32).reshape(-1)[present]
     return _top_detections(boxes, classes, scores, self.max_detections)
-
-  def manifest_entry(self) -> dict:
-    entry = super().manifest_entry()
-    entry["score_threshold"] = self.threshold
-    return entry
