@@ -418,7 +418,7 @@ def test_progress_line_has_rate_and_eta(monkeypatch):
   clock = iter([0.0, 10.0, 10.0, 10.0, 10.0, 10.0])
   monkeypatch.setattr(report.time, "perf_counter", lambda: next(clock))
   lines = []
-  progress = report.Progress("worker 0/1", [100, None, 100], lines.append, every_s=1e9)
+  progress = report.ShardProgress("worker 0/1", [100, None, 100], lines.append, every_s=1e9)
   progress.add(100, 2)
   progress.shard_done()  # 100 images in 10 s; 200 to go (the unknown shard counts as 100)
   assert lines == ["worker 0/1: shard 1/3 | 100 images (2 bad) | 10.0 img/s | ETA 0:00:20"]

@@ -232,7 +232,7 @@ def spy_on_shard_writes(monkeypatch):
 def test_second_write_is_a_no_op(written, monkeypatch):
   directory, manifest = written
   calls = spy_on_shard_writes(monkeypatch)
-  again = toyworld.ensure_dataset(directory, 9, seed=1, size=24, num_shards=3, verbose=False)
+  again = toyworld.write_dataset(directory, 9, seed=1, size=24, num_shards=3, verbose=False)
   assert calls == [] and again == manifest
 
 

@@ -39,7 +39,7 @@ def prepare_dataset(data_config: ml_collections.ConfigDict, workdir: str) -> str
   toy = data_config.get("toyworld")
   if toy:
     from clipzoo_jax.data import toyworld
-    _on_process_zero_then_sync(lambda: toyworld.ensure_dataset(
+    _on_process_zero_then_sync(lambda: toyworld.write_dataset(
         directory, num_examples=toy.num_examples, seed=toy.seed, size=toy.size,
         num_shards=toy.num_shards, split="train"), "toyworld")
   shards.read_manifest(directory)  # fails early, naming the directory, if there is no dataset

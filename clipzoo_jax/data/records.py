@@ -47,6 +47,20 @@ class Labels:
     return tuple(t for t in TASKS if present[t])
 
 
+def box_from_mask(mask: np.ndarray) -> np.ndarray | None:
+  """The `det_boxes` row of a boolean (H, W) mask's true pixels, float32; None if it has none.
+
+  A box spans whole pixels: true pixels in rows r0..r1 give ymin = r0 / H, ymax = (r1 + 1) / H.
+  """
+  mask = np.asarray(mask, bool)
+  rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+  if rows.size == 0:
+    return None
+  height, width = mask.shape
+  return np.array([rows[0] / height, cols[0] / width, (rows[-1] + 1) / height,
+                   (cols[-1] + 1) / width], np.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Label codecs (NumPy <-> PNG bytes). Pure functions, each the inverse of its partner.
 

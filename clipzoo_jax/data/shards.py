@@ -19,6 +19,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from clipzoo_jax import atomic_files
 from clipzoo_jax.data import records
 
 MANIFEST_NAME = "manifest.json"
@@ -82,7 +83,7 @@ class ShardWriter:
 
   def __init__(self, path: str):
     self.path = path
-    self._tmp = f"{path}.tmp-{os.getpid()}"
+    self._tmp = atomic_files.temp_path(path)
     self._writer = None
     self._keys: list[str] = []
     self._seen: set[str] = set()
@@ -110,26 +111,16 @@ class ShardWriter:
       if os.path.exists(self._tmp):
         os.remove(self._tmp)
       return
-    np.asarray(self._offsets, "<i8").tofile(self._tmp + ".index")
-    os.replace(self._tmp + ".index", index_path(self.path))
+    atomic_files.write_bytes(index_path(self.path), np.asarray(self._offsets, "<i8").tobytes())
     os.replace(self._tmp, self.path)
     info = ShardInfo(path=os.path.basename(self.path), num_records=len(self._keys),
                      sha256=file_sha256(self.path), keys_sha256=_keys_digest(self._keys))
-    _write_json_atomic(sidecar_path(self.path), info.to_json())
+    atomic_files.write_json(sidecar_path(self.path), info.to_json(), indent=1)
     self.info = info
 
   @property
   def num_records(self) -> int:
     return len(self._keys)
-
-
-def _write_json_atomic(path: str, obj) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=False)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def read_shard_info(shard_path: str) -> ShardInfo:
@@ -149,7 +140,7 @@ def remove_partial(directory: str, names: Iterable[str] | None = None) -> list[s
     if owned is not None and not name.startswith(owned):
       continue
     path = os.path.join(directory, name)
-    partial = ".tmp-" in name or (name.endswith(".tfrecord") and not is_complete(path))
+    partial = atomic_files.is_temp(name) or (name.endswith(".tfrecord") and not is_complete(path))
     if partial:
       os.remove(path)
       removed.append(name)
@@ -184,7 +175,7 @@ def write_manifest(directory: str, tasks: Mapping[str, Mapping], shard_paths: Se
   }
   if extra:
     manifest.update(extra)
-  _write_json_atomic(os.path.join(directory, MANIFEST_NAME), manifest)
+  atomic_files.write_json(os.path.join(directory, MANIFEST_NAME), manifest, indent=1)
   return manifest
 
 

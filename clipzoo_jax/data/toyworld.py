@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from clipzoo_jax import atomic_files
 from clipzoo_jax.data import records, shards
 
 SEG_CLASSES = ("floor", "wall", "sphere", "box", "cylinder")
@@ -333,14 +334,6 @@ def _render(camera: Camera, room: Room, objects, light, ambient):
           camera_normals.reshape(size, size, 3), instances.reshape(size, size))
 
 
-def visible_box(mask: np.ndarray) -> np.ndarray:
-  """Normalized pixel-edge (ymin, xmin, ymax, xmax) of a boolean mask's true pixels."""
-  rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-  height, width = mask.shape
-  return np.array([rows[0] / height, cols[0] / width, (rows[-1] + 1) / height,
-                   (cols[-1] + 1) / width], np.float32)
-
-
 # ---------------------------------------------------------------------------------------------
 # Captions: relations from what the image shows (visible-pixel centroids) and object depths.
 
@@ -424,9 +417,9 @@ def render_scene(seed: int, index: int, size: int = 64) -> Scene:
   image, seg, depth, normals, instances = _render(camera, room, objects, light, ambient)
   counts = np.bincount(instances[instances >= 0], minlength=len(objects))
   visible = tuple(i for i in range(len(objects)) if counts[i] >= MIN_VISIBLE_PIXELS)
-  boxes = np.array([visible_box(instances == i) for i in visible], np.float32).reshape(-1, 4)
+  boxes = [records.box_from_mask(instances == i) for i in visible]
   labels = records.Labels(
-      seg=seg, depth=depth, normals=normals, det_boxes=boxes,
+      seg=seg, depth=depth, normals=normals, det_boxes=np.array(boxes, np.float32).reshape(-1, 4),
       det_classes=np.array([DET_CLASSES.index(objects[i].shape) for i in visible], np.int64),
       det_scores=np.ones(len(visible), np.float32))
   caption = make_caption(rng, _facts(objects, visible, instances, camera), room)
@@ -474,7 +467,7 @@ def _check_params(directory: str, params: dict) -> None:
     raise ValueError(f"{directory}: holds .tfrecord shards but no {shards.MANIFEST_NAME} or "
                      f"{PARAMS_NAME}; not a toy-world dataset, use an empty directory")
   if source is None:
-    shards._write_json_atomic(params_path, params)
+    atomic_files.write_json(params_path, params, indent=1)
   elif found != params:
     raise ValueError(f"{source}: toy-world params differ from this call's; found {found}, "
                      f"expected {params}. Use another directory or the same arguments")
@@ -528,11 +521,3 @@ def write_dataset(directory: str, num_examples: int, seed: int = 0, size: int = 
   if os.path.exists(params_path):  # the manifest now holds the params
     os.remove(params_path)
   return manifest
-
-
-def ensure_dataset(directory: str, num_examples: int, seed: int = 0, size: int = 64,
-                   num_shards: int = 4, split: str = "train", jpeg_quality: int = 95,
-                   verbose: bool = True) -> dict:
-  """The manifest of this toy world in `directory`, writing whatever is missing first."""
-  return write_dataset(directory, num_examples, seed=seed, size=size, num_shards=num_shards,
-                       split=split, jpeg_quality=jpeg_quality, verbose=verbose)

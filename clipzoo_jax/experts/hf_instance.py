@@ -24,19 +24,12 @@ def boxes_from_pixels(boxes_xyxy: np.ndarray, height: int, width: int) -> np.nda
 
 def boxes_from_segments(segmentation: np.ndarray,
                         segment_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-  """Normalized (ymin, xmin, ymax, xmax) of each segment's pixels, and which segments have pixels.
-
-  A box spans whole pixels: a segment covering rows r0..r1 has ymin = r0 / H, ymax = (r1 + 1) / H.
-  """
-  height, width = segmentation.shape
-  boxes, present = [], []
-  for segment_id in segment_ids:
-    mask = segmentation == segment_id
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    present.append(rows.size > 0)
-    if rows.size:
-      boxes.append([rows[0] / height, cols[0] / width, (rows[-1] + 1) / height, (cols[-1] + 1) / width])
-  return np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(present, bool)
+  """Normalized (ymin, xmin, ymax, xmax) of each segment's pixels (`records.box_from_mask`), and
+  which segments have pixels."""
+  found = [records.box_from_mask(segmentation == segment_id) for segment_id in segment_ids]
+  present = np.asarray([box is not None for box in found], bool)
+  boxes = [box for box in found if box is not None]
+  return np.asarray(boxes, np.float32).reshape(-1, 4), present
 
 
 def _top_detections(boxes, classes, scores, max_detections: int | None) -> records.Labels:

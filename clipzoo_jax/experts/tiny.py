@@ -120,14 +120,6 @@ def save_mask2former(directory: str, num_labels: int = 7, image_size: int = 64, 
   return _save(Mask2FormerForUniversalSegmentation(config), processor, directory)
 
 
-def _byte_alphabet() -> list[str]:
-  """The 256 printable stand-ins of CLIP's byte-level BPE (its `bytes_to_unicode`)."""
-  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
-               + list(range(ord("\xae"), ord("\xff") + 1)))
-  extra = [b for b in range(256) if b not in printable]
-  return [chr(c) for c in printable] + [chr(256 + i) for i in range(len(extra))]
-
-
 def save_oneformer(directory: str, num_labels: int = 6, image_size: int = 64, seed: int = 0) -> str:
   """OneFormer with a byte-level CLIP tokenizer without merges (its task prompt is text) and the
   class-info file its processor reads, all inside `directory`."""
@@ -135,14 +127,14 @@ def save_oneformer(directory: str, num_labels: int = 6, image_size: int = 64, se
   import torch
   from transformers import (CLIPTokenizer, OneFormerConfig, OneFormerForUniversalSegmentation,
                             OneFormerImageProcessorPil, OneFormerProcessor, SwinConfig)
+  from clipzoo_jax.data import tokenizer as tokenizer_lib
   torch.manual_seed(seed)
   os.makedirs(directory, exist_ok=True)
-  alphabet = _byte_alphabet()
-  tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+  tokens = tokenizer_lib.base_vocabulary() + [tokenizer_lib.SOT, tokenizer_lib.EOT]
   with open(os.path.join(directory, "vocab.json"), "w") as f:
     json.dump({token: i for i, token in enumerate(tokens)}, f)
   with open(os.path.join(directory, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n")
+    f.write(tokenizer_lib.MERGES_HEADER + "\n")
   with open(os.path.join(directory, "class_info.json"), "w") as f:
     json.dump({str(i): {"name": f"class_{i}", "isthing": int(i >= num_labels // 2)}
                for i in range(num_labels)}, f)

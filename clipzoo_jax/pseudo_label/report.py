@@ -13,6 +13,8 @@ import os
 import time
 from typing import Callable, Mapping, Sequence
 
+from clipzoo_jax import atomic_files, progress
+
 REPORT_NAME = "bad_inputs.json"
 
 
@@ -65,11 +67,7 @@ def merge(directory: str, names: Sequence[str]) -> dict:
                  "written": sum(r["written"] for r in reports), "bad": len(items)},
       "items": items,
   }
-  path = os.path.join(directory, REPORT_NAME)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(merged, f, indent=1)
-  os.replace(tmp, path)
+  atomic_files.write_json(os.path.join(directory, REPORT_NAME), merged, indent=1)
   return merged
 
 
@@ -95,12 +93,7 @@ def check(directory: str, manifest: Mapping) -> list[str]:
   return problems
 
 
-def _duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class Progress:
+class ShardProgress:
   """Per-worker progress: images/s and ETA, printed at most every `every_s` and per shard.
 
   The ETA counts images of the remaining shards: known slice sizes where the corpus knows them,
@@ -130,7 +123,7 @@ class Progress:
     self.print()
 
   def rate(self) -> float:
-    return self.images / max(time.perf_counter() - self.start, 1e-9)
+    return progress.throughput(self.images, time.perf_counter() - self.start)
 
   def eta_seconds(self) -> float | None:
     remaining_sizes = self.sizes[self.shards_done:]
@@ -141,13 +134,12 @@ class Progress:
       return None
     remaining = sum(mean if s is None else s for s in remaining_sizes)
     remaining -= self.images - self.images_at_shard_start
-    rate = self.rate()
-    return max(remaining, 0) / rate if rate > 0 else None
+    return progress.seconds_left(remaining, self.rate())
 
   def line(self) -> str:
-    eta = self.eta_seconds()
+    eta = progress.format_eta(self.eta_seconds())
     return (f"{self.name}: shard {self.shards_done}/{len(self.sizes)} | {self.images} images "
-            f"({self.bad} bad) | {self.rate():.1f} img/s | ETA {'?' if eta is None else _duration(eta)}")
+            f"({self.bad} bad) | {self.rate():.1f} img/s | ETA {eta}")
 
   def print(self) -> None:
     self.last = time.perf_counter()
