@@ -12,12 +12,12 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from clipzoo_jax import tasks as task_lib
 from clipzoo_jax.data import records, shards
 
 PANEL = 192
 CAPTION_LINE = 12  # pixels per caption line (Pillow's default bitmap font)
 ABSENT = (96, 96, 96)
-TASK_PANELS = ("seg", "depth", "normals")
 
 
 def read_records(directory: str, num: int, shard: int | None = None, skip: int = 0) -> list[dict]:
@@ -95,17 +95,11 @@ def draw_boxes(canvas: Image.Image, labels: records.Labels, image_shape, panel: 
     draw.text((x0 + 2, y0 + 1), f"{name} {score:.2f}", fill=colour)
 
 
-def _task_panel(record: dict, task: str, classes, panel: int) -> Image.Image:
-  labels = record["labels"]
-  value = getattr(labels, task)
-  if value is None:
+def _task_panel(record: dict, task, classes, panel: int) -> Image.Image:
+  """The task's picture of its label, grey when this record has no such label."""
+  if not task.has_label(record["labels"]):
     return Image.new("RGB", (panel, panel), ABSENT)
-  if task == "seg":
-    rgb = colorize_seg(value, len(classes))
-  elif task == "depth":
-    rgb = colorize_depth(value)
-  else:
-    rgb = colorize_normals(value)
+  rgb = task.label_image(record["labels"], classes)
   return _fit(rgb, panel, Image.NEAREST, shape=record["image"].shape)
 
 
@@ -114,11 +108,13 @@ def caption_lines(text: str, width_pixels: int) -> list[str]:
 
 
 def render_row(record: dict, manifest: dict, panel: int = PANEL) -> Image.Image:
-  tasks = manifest["tasks"]
   panels = [_fit(record["image"], panel, Image.BILINEAR)]
-  if "det" in tasks:
-    draw_boxes(panels[0], record["labels"], record["image"].shape, panel, tasks["det"].get("classes", []))
-  panels += [_task_panel(record, t, tasks[t].get("classes", []), panel) for t in TASK_PANELS if t in tasks]
+  for name in task_lib.canonical_order(manifest["tasks"]):
+    task, classes = task_lib.get(name), manifest["tasks"][name].get("classes", [])
+    if task.has_label(record["labels"]):
+      task.draw_on_image(panels[0], record["labels"], record["image"].shape, panel, classes)
+    if task.has_panel:
+      panels.append(_task_panel(record, task, classes, panel))
   width = panel * len(panels)
   lines = caption_lines(f"{record['key']}: {record['text']}", width)
   row = Image.new("RGB", (width, panel + CAPTION_LINE * len(lines) + 4), (255, 255, 255))

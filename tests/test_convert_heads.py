@@ -17,6 +17,7 @@ from flax import linen as nn
 
 from clipzoo_jax import checkpoint
 from clipzoo_jax import convert
+from clipzoo_jax import tasks as task_lib
 from clipzoo_jax.convert import layout, parity, torch_heads
 from clipzoo_jax.data import tokenizer as tokenizer_lib
 from clipzoo_jax.models import clip, heads as heads_lib, variants
@@ -41,10 +42,12 @@ def relative_error(found, expected):
 
 @pytest.mark.parametrize("upsample", [2, 4])
 def test_torch_heads_match_jax_heads(upsample):
-  config = {"tasks": list(TASKS), "width": 16, "hidden": 8, "upsample": upsample,
-            "num_seg_classes": 5, "num_det_classes": 3, "patch_size": 4, "image_size": 12,
-            "layer_norm_eps": 1e-5}
-  module = heads_lib.TaskHeads(tasks=TASKS, num_seg_classes=5, num_det_classes=3, hidden=8,
+  model_config = variants.model_config("mu/4", image_size=12, tasks=TASKS, num_seg_classes=5,
+                                       num_det_classes=3)
+  model_config.image.width, model_config.heads.hidden = 16, 8
+  model_config.heads.upsample = upsample
+  config = convert.heads_config(model_config)
+  module = heads_lib.TaskHeads(specs=task_lib.head_specs(TASKS, model_config), hidden=8,
                                upsample=upsample)
   grid = np.random.default_rng(0).normal(size=(2, 3, 3, 16)).astype(np.float32)
   shapes = jax.eval_shape(lambda: nn.unbox(module.init(jax.random.PRNGKey(0), grid))["params"])
@@ -160,7 +163,7 @@ def test_export_reads_back_bit_exact(exported):
     assert sorted(flat) == sorted(expected)
     assert all(np.array_equal(flat[k], expected[k]) for k in flat), source
   state, config = torch_heads.load_heads(out)
-  assert config == torch_heads.heads_config(cfg)
+  assert config == convert.heads_config(cfg)
   restored = layout.flatten(torch_heads.heads_from_torch(state))
   expected = layout.flatten(params["heads"])
   assert sorted(restored) == sorted(expected)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from clipzoo_jax import losses
+from clipzoo_jax.tasks import depth, det, normals, seg
 
 RNG = np.random.default_rng(0)
 
@@ -48,7 +49,7 @@ def test_seg_cross_entropy_ignores_pixels_and_unlabelled_examples():
         z = logits[b, y, x]
         total += -(z[labels[b, y, x]] - np.log(np.exp(z).sum()))
         count += 1
-  found = losses.seg_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
+  found = seg.seg_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
   np.testing.assert_allclose(found, total / count, rtol=1e-5)
 
 
@@ -70,16 +71,16 @@ def test_depth_ssi_matches_least_squares_reference():
   pred = RNG.normal(size=(3, 6, 7))
   target = RNG.uniform(1, 5, size=(3, 6, 7))
   target[0, :2] = 0.0  # invalid pixels
-  found = losses.depth_ssi_loss(jnp.asarray(pred), jnp.asarray(target), jnp.ones(3))
+  found = depth.depth_ssi_loss(jnp.asarray(pred), jnp.asarray(target), jnp.ones(3))
   np.testing.assert_allclose(found, _ssi_reference(pred, target), rtol=1e-5)
 
 
 def test_depth_ssi_is_invariant_to_scale_and_shift_and_skips_unlabelled():
   target = RNG.uniform(1, 5, size=(2, 5, 5))
   affine = 3.0 * target - 2.0
-  assert float(losses.depth_ssi_loss(jnp.asarray(affine), jnp.asarray(target), jnp.ones(2))) < 1e-8
+  assert float(depth.depth_ssi_loss(jnp.asarray(affine), jnp.asarray(target), jnp.ones(2))) < 1e-8
   pred = RNG.normal(size=(2, 5, 5))
-  only_first = losses.depth_ssi_loss(jnp.asarray(pred), jnp.asarray(target), jnp.array([1.0, 0.0]))
+  only_first = depth.depth_ssi_loss(jnp.asarray(pred), jnp.asarray(target), jnp.array([1.0, 0.0]))
   np.testing.assert_allclose(only_first, _ssi_reference(pred[:1], target[:1]), rtol=1e-5)
 
 
@@ -92,7 +93,7 @@ def test_depth_silog_matches_reference():
     valid = d > 0
     g = p[valid] - np.log(d[valid])
     per_image.append(np.sqrt(np.mean(g ** 2) - 0.85 * np.mean(g) ** 2))
-  found = losses.depth_silog_loss(jnp.asarray(pred), jnp.asarray(target), jnp.ones(2))
+  found = depth.depth_silog_loss(jnp.asarray(pred), jnp.asarray(target), jnp.ones(2))
   np.testing.assert_allclose(found, np.mean(per_image), rtol=1e-5)
 
 
@@ -109,15 +110,15 @@ def test_normals_angular_loss_matches_reference():
           continue
         p = pred[b, y, x] / np.linalg.norm(pred[b, y, x])
         values.append(1 - np.dot(p, target[b, y, x]))
-  found = losses.normals_loss(jnp.asarray(pred), jnp.asarray(target), jnp.ones(2))
+  found = normals.normals_loss(jnp.asarray(pred), jnp.asarray(target), jnp.ones(2))
   np.testing.assert_allclose(found, np.mean(values), rtol=1e-5)
-  assert float(losses.normals_loss(jnp.asarray(target), jnp.asarray(target), jnp.ones(2))) < 1e-6
+  assert float(normals.normals_loss(jnp.asarray(target), jnp.asarray(target), jnp.ones(2))) < 1e-6
 
 
 def test_det_targets_put_peak_at_box_centre_with_sizes_and_offsets():
   boxes = np.array([[[0.1, 0.2, 0.5, 0.6], [0, 0, 0, 0]]], np.float32)
   classes = np.array([[1, -1]])
-  heatmap, cell, sizes, offsets, valid = losses.det_targets(
+  heatmap, cell, sizes, offsets, valid = det.det_targets(
       jnp.asarray(boxes), jnp.asarray(classes), 3, (16, 16))
   heatmap = np.asarray(heatmap)
   centre = (0.3 * 16, 0.4 * 16)
@@ -137,7 +138,7 @@ def test_det_loss_focal_and_l1_terms_match_reference():
   offset_pred = RNG.uniform(size=(1, height, width, 2)).astype(np.float32)
   boxes = np.array([[[0.25, 0.25, 0.75, 0.5]]], np.float32)
   classes = np.array([[0]])
-  heatmap, cell, sizes, offsets, _ = [np.asarray(x) for x in losses.det_targets(
+  heatmap, cell, sizes, offsets, _ = [np.asarray(x) for x in det.det_targets(
       jnp.asarray(boxes), jnp.asarray(classes), 2, (height, width))]
   focal = 0.0
   for y in range(height):
@@ -152,7 +153,7 @@ def test_det_loss_focal_and_l1_terms_match_reference():
   size_l1 = np.abs(size_pred[0, cy, cx] - sizes[0, 0]).sum()
   offset_l1 = np.abs(offset_pred[0, cy, cx] - offsets[0, 0]).sum()
   expected = focal + 5.0 * size_l1 + offset_l1
-  found = losses.det_loss(jnp.asarray(logits), jnp.asarray(size_pred), jnp.asarray(offset_pred),
+  found = det.det_loss(jnp.asarray(logits), jnp.asarray(size_pred), jnp.asarray(offset_pred),
                           jnp.asarray(boxes), jnp.asarray(classes), jnp.ones(1))
   np.testing.assert_allclose(found, expected, rtol=1e-4)
 

@@ -65,6 +65,23 @@ def host_array(leaf) -> np.ndarray:
   return np.asarray(leaf)
 
 
+def heads_config(model_config) -> dict:
+  """The JSON-able head settings that `torch_heads.TaskHeads` is built from: sizes, and the
+  layout of every head (from the task specs), so the PyTorch module needs no task knowledge."""
+  from clipzoo_jax import tasks as task_lib  # pylint: disable=import-outside-toplevel
+  from clipzoo_jax.convert import torch_heads  # pylint: disable=import-outside-toplevel
+  heads, image = model_config.heads, model_config.image
+  return {
+      "tasks": list(task_lib.canonical_order(heads.tasks)), "width": int(image.width),
+      "hidden": int(heads.hidden), "upsample": int(heads.upsample),
+      "num_seg_classes": int(heads.num_seg_classes),
+      "num_det_classes": int(heads.num_det_classes), "patch_size": int(image.patch_size),
+      "image_size": int(image.image_size), "layer_norm_eps": torch_heads.LAYER_NORM_EPS,
+      "activation": torch_heads.HEADS_ACTIVATION,
+      "heads": [spec.to_json() for spec in task_lib.head_specs(heads.tasks, model_config)],
+  }
+
+
 def export_pretrained(params: Mapping, model_config, out_dir: str, image_mean: Sequence[float],
                       image_std: Sequence[float], tokenizer_dir: str | None = None,
                       open_clip_path: str | None = None,
@@ -82,12 +99,12 @@ def export_pretrained(params: Mapping, model_config, out_dir: str, image_mean: S
     heads = {name: {layer: {leaf: host(v) for leaf, v in leaves.items()}
                     for layer, leaves in layers.items()}
              for name, layers in params["heads"].items()}
-    torch_heads.save_heads(heads, torch_heads.heads_config(model_config), out_dir)
+    torch_heads.save_heads(heads, heads_config(model_config), out_dir)
     shutil.copyfile(torch_heads.__file__, os.path.join(out_dir, "torch_heads.py"))
   if open_clip_path:
     open_clip.export(towers, model_config, open_clip_path, host)
   return sorted(os.listdir(out_dir))
 
 
-__all__ = ["ConversionError", "FORMATS", "detect_format", "export_pretrained", "host_array",
-           "load_pretrained", "model_config_from_source"]
+__all__ = ["ConversionError", "FORMATS", "detect_format", "export_pretrained", "heads_config",
+           "host_array", "load_pretrained", "model_config_from_source"]

@@ -8,9 +8,9 @@ this file beside `heads.safetensors` so PyTorch users need only that folder:
   heads = TaskHeads.from_pretrained(folder)
   out = heads(vision(pixel_values).last_hidden_state[:, 1:])  # {"seg": (B, H, W, C), ...}
 
-Outputs are channels-last, as the JAX heads and the pseudo-label arrays: seg and det_heatmap
-logits (B, H, W, C), depth (B, H, W), unit normals (B, H, W, 3), det_size and det_offset
-(B, H, W, 2).
+Outputs are channels-last, as the JAX heads and the pseudo-label arrays, named and sliced as
+`heads_config.json` lays them out (for the built-in tasks: seg and det_heatmap logits
+(B, H, W, C), depth (B, H, W), unit normals (B, H, W, 3), det_size and det_offset (B, H, W, 2)).
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from torch import nn
 
 HEADS_CONFIG = "heads_config.json"
 HEADS_WEIGHTS = "heads.safetensors"
-TASK_HEADS = {"seg": ("seg_head",), "depth": ("depth_head",), "normals": ("normals_head",),
-              "det": ("det_heatmap_head", "det_box_head")}
 LAYER_NORM_EPS = 1e-5  # heads.py's LayerNorm
 # heads.py calls jax.nn.gelu, whose default is the tanh approximation; "gelu" is the exact one.
 HEADS_ACTIVATION = "gelu_tanh"
@@ -36,27 +34,19 @@ ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}  # -> F.gelu(approximate=...
 NORMALS_MIN_NORM = 1e-6
 
 
-def heads_config(model_config) -> dict:
-  """The JSON-able head settings of a model config (an ml_collections ConfigDict or alike)."""
-  heads, image = model_config.heads, model_config.image
-  return {
-      "tasks": list(heads.tasks), "width": int(image.width), "hidden": int(heads.hidden),
-      "upsample": int(heads.upsample), "num_seg_classes": int(heads.num_seg_classes),
-      "num_det_classes": int(heads.num_det_classes), "patch_size": int(image.patch_size),
-      "image_size": int(image.image_size), "layer_norm_eps": LAYER_NORM_EPS,
-      "activation": HEADS_ACTIVATION,
-  }
-
-
-def head_channels(config: Mapping) -> dict[str, int]:
-  """Head module name -> output channels, for the active tasks."""
-  channels = {"seg_head": config["num_seg_classes"], "depth_head": 1, "normals_head": 3,
-              "det_heatmap_head": config["num_det_classes"], "det_box_head": 4}
-  unknown = sorted(set(config["tasks"]) - set(TASK_HEADS))
-  if unknown:
-    raise ValueError(f"heads config: unknown tasks {unknown}; expected a subset of "
-                     f"{sorted(TASK_HEADS)}")
-  return {name: channels[name] for task in config["tasks"] for name in TASK_HEADS[task]}
+def head_layout(config: Mapping) -> list[dict]:
+  """The `heads` entry of a heads config: one {name, channels, outputs} per head module, each
+  output {name, start, stop, unit_norm} a slice of the head's channels (stop None: one channel,
+  axis dropped). Written by the exporter from the task specs, so this file knows no task."""
+  layout = config.get("heads")
+  if not isinstance(layout, list) or not all(isinstance(h, dict) for h in layout):
+    raise ValueError(f"{HEADS_CONFIG}: expected a 'heads' list of head layouts (written by "
+                     f"clipzoo_jax's exporter; re-export older folders), found {layout!r}")
+  for head in layout:
+    missing = sorted({"name", "channels", "outputs"} - set(head))
+    if missing:
+      raise ValueError(f"{HEADS_CONFIG}: head {head.get('name', head)!r} lacks {missing}")
+  return layout
 
 
 class UpsampleHead(nn.Module):
@@ -101,33 +91,31 @@ def patch_grid(tokens: torch.Tensor) -> torch.Tensor:
 
 
 class TaskHeads(nn.Module):
-  """The heads of a `heads_config`; `forward` takes (B, N, D) patch tokens or a (B, g, g, D)
-  grid."""
+  """The heads of a heads config; `forward` takes (B, N, D) patch tokens or a (B, g, g, D) grid
+  and returns each head's named outputs, channels-last."""
 
   def __init__(self, config: Mapping):
     super().__init__()
     self.config = dict(config)
-    self.tasks = tuple(config["tasks"])
+    self.layout = head_layout(config)
     eps = config.get("layer_norm_eps", LAYER_NORM_EPS)
     activation = config.get("activation", HEADS_ACTIVATION)
-    for name, channels in head_channels(config).items():
-      setattr(self, name, UpsampleHead(config["width"], config["hidden"], config["upsample"],
-                                       channels, eps, activation))
+    for head in self.layout:
+      setattr(self, head["name"], UpsampleHead(config["width"], config["hidden"],
+                                               config["upsample"], head["channels"], eps,
+                                               activation))
 
   def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
     grid = patch_grid(patches) if patches.ndim == 3 else patches
     out = {}
-    if "seg" in self.tasks:
-      out["seg"] = self.seg_head(grid)
-    if "depth" in self.tasks:
-      out["depth"] = self.depth_head(grid)[..., 0]
-    if "normals" in self.tasks:
-      raw = self.normals_head(grid)
-      out["normals"] = raw / raw.norm(dim=-1, keepdim=True).clamp_min(NORMALS_MIN_NORM)
-    if "det" in self.tasks:
-      out["det_heatmap"] = self.det_heatmap_head(grid)
-      box = self.det_box_head(grid)
-      out["det_size"], out["det_offset"] = box[..., :2], box[..., 2:]
+    for head in self.layout:
+      raw = getattr(self, head["name"])(grid)
+      for output in head["outputs"]:
+        start, stop = output["start"], output.get("stop")
+        value = raw[..., start] if stop is None else raw[..., start:stop]
+        if output.get("unit_norm"):
+          value = value / value.norm(dim=-1, keepdim=True).clamp_min(NORMALS_MIN_NORM)
+        out[output["name"]] = value
     return out
 
   @classmethod

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 from jax.sharding import NamedSharding, PartitionSpec
 
+from clipzoo_jax import tasks as task_lib
 from clipzoo_jax.data import augment, records, shards
 
 STATE_VERSION = 1
@@ -65,39 +66,7 @@ def _derived_seed(*parts: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding of the stored label codecs (the TF twins of records.decode_*), applied after nearest
-# resampling: per-pixel decoding commutes with it and the resampled arrays are smaller.
-
-
-# Absent labels decode a 1x1 stand-in (then masked), so the graph needs no tf.cond per task.
-_ABSENT_PNG_U8 = {1: records.encode_png(np.zeros((1, 1), np.uint8)),
-                  3: records.encode_png(np.zeros((1, 1, 3), np.uint8))}
-_ABSENT_PNG_U16 = records.encode_png(np.zeros((1, 1), np.uint16))
-
-
-def _png_or_stand_in(encoded, stand_in: bytes):
-  present = tf.strings.length(encoded) > 0
-  return tf.where(present, encoded, stand_in), present
-
-
-def _png_bit_depth(png):
-  """Byte 24 of a PNG (in the IHDR chunk) is its bit depth."""
-  return tf.io.decode_raw(tf.strings.substr(png, 24, 1), tf.uint8)[0]
-
-
-def _seg_classes(png, window, flip, size: int):
-  """Resampled class map, int32, -1 where ignored (255 in 8-bit PNGs, 65535 in 16-bit ones)."""
-  # decode_png(dtype=uint16) scales 8-bit values by 257: 8-bit ignore 255 becomes 65535 too.
-  steps = tf.io.decode_png(png, channels=1, dtype=tf.uint16)[..., 0]
-  steps = tf.cast(augment.augment_dense(steps, window, flip, size), tf.int32)
-  classes = tf.where(tf.equal(_png_bit_depth(png), 8), steps // 257, steps)
-  return tf.where(steps == records.SEG_IGNORE_U16, -1, classes)
-
-
-def _normals_from_pixels(pixels):
-  valid = tf.reduce_any(pixels != 0, axis=-1, keepdims=True)
-  xyz = tf.cast(pixels, tf.float32) / 127.5 - 1.0
-  return tf.where(valid, augment.unit_normals(xyz), 0.0)
+# Decoding: the common fields here, each task's labels by its task spec (clipzoo_jax/tasks).
 
 
 def _parse_spec(tasks: Sequence[str]) -> dict:
@@ -106,16 +75,8 @@ def _parse_spec(tasks: Sequence[str]) -> dict:
       "image/encoded": tf.io.FixedLenFeature([], tf.string),
       "text": tf.io.FixedLenFeature([], tf.string),
   }
-  for task in ("seg", "depth", "normals"):
-    if task in tasks:
-      spec[f"{task}/encoded"] = tf.io.FixedLenFeature([], tf.string, default_value="")
-  if "depth" in tasks:
-    spec["depth/scale"] = tf.io.FixedLenFeature([], tf.float32, default_value=0.0)
-  if "det" in tasks:
-    spec["det/boxes"] = tf.io.VarLenFeature(tf.float32)
-    spec["det/classes"] = tf.io.VarLenFeature(tf.int64)
-    spec["det/scores"] = tf.io.VarLenFeature(tf.float32)
-    spec["det/count"] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+  for task in task_lib.get_all(tasks):
+    spec.update(task.parse_features())
   return spec
 
 
@@ -126,35 +87,11 @@ def decode_and_augment(serialized, seed, tasks: Sequence[str], options: augment.
   # The accurate IDCT gives PIL's pixels (the experts saw those); TF's default differs by ~4 levels.
   image = tf.io.decode_jpeg(parsed["image/encoded"], channels=3, dct_method="INTEGER_ACCURATE")
   window, flip = augment.sample_window_and_flip(seed, tf.shape(image)[:2], options, train)
-  size = options.label_size
   out = {"key": parsed["key"], "text": parsed["text"],
          "image": augment.augment_image(image, window, flip, options.image_size,
                                         options.antialias)}
-  if "seg" in tasks:
-    png, present = _png_or_stand_in(parsed["seg/encoded"], _ABSENT_PNG_U8[1])
-    out["seg"] = tf.where(present, _seg_classes(png, window, flip, size), -1)
-    out["seg_mask"] = tf.cast(present, tf.float32)
-  if "depth" in tasks:
-    png, present = _png_or_stand_in(parsed["depth/encoded"], _ABSENT_PNG_U16)
-    steps = augment.augment_dense(tf.io.decode_png(png, dtype=tf.uint16)[..., 0], window, flip,
-                                  size)
-    out["depth"] = tf.where(present, tf.cast(steps, tf.float32) * parsed["depth/scale"], 0.0)
-    out["depth_mask"] = tf.cast(present, tf.float32)
-  if "normals" in tasks:
-    png, present = _png_or_stand_in(parsed["normals/encoded"], _ABSENT_PNG_U8[3])
-    pixels = augment.augment_dense(tf.io.decode_png(png, channels=3), window, flip, size)
-    normals = augment.mirror_normals(_normals_from_pixels(pixels), flip)
-    out["normals"] = tf.where(present, normals, 0.0)
-    out["normals_mask"] = tf.cast(present, tf.float32)
-  if "det" in tasks:
-    classes = tf.sparse.to_dense(parsed["det/classes"])
-    boxes = tf.reshape(tf.sparse.to_dense(parsed["det/boxes"]), [-1, 4])
-    scores = tf.sparse.to_dense(parsed["det/scores"])
-    out["det_boxes"], out["det_classes"] = augment.augment_boxes(
-        boxes, classes, scores, window, flip, options)
-    # det/count marks a label with zero boxes; older records only show presence by their boxes.
-    present = (parsed["det/count"] >= 0) | (tf.size(classes) > 0)
-    out["det_mask"] = tf.cast(present, tf.float32)
+  for task in task_lib.get_all(tasks):
+    out.update(task.decode(parsed, window, flip, options))
   return out
 
 
@@ -171,9 +108,7 @@ def _record_key(serialized) -> str:
 def _check_tasks(tasks: Sequence[str], manifest: Mapping, directory: str) -> tuple[str, ...]:
   found = sorted(manifest.get("tasks", {}))
   for task in tasks:
-    if task not in records.TASKS:
-      raise ValueError(f"task {task!r} is not in the record schema; expected one of "
-                       f"{list(records.TASKS)}")
+    task_lib.get(task, "loader tasks")
     if task not in found:
       raise ValueError(f"task {task!r} is not in the dataset {directory} (manifest tasks: {found})")
   return tuple(tasks)
@@ -328,6 +263,11 @@ class InputPipeline:
             f"{int(position)} of process {self.process_index}'s stream) does not decode: "
             f"{bad.message.strip()}") from error
     raise error
+
+  def counters(self) -> dict[str, float]:
+    """Data counters for the metrics row: epochs of this process's records consumed so far."""
+    examples = self._batches * self.local_batch_size
+    return {"data/epoch": examples / self.local_records_per_epoch}
 
   def get_state(self) -> dict:
     """JSON-able position of the stream (the `data` item of the checkpoint)."""

@@ -11,8 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
+from clipzoo_jax import tasks as task_lib
 from clipzoo_jax.data import records
-from clipzoo_jax.experts import base, resize
+from clipzoo_jax.experts import base
 
 SOURCE = "clipzoo_jax.data.toyworld"
 
@@ -23,18 +24,6 @@ def _scene(key: str, size: int):
   from clipzoo_jax.data import toyworld
   seed, index = toyworld.parse_key(key)
   return toyworld.render_scene(seed, index, size)
-
-
-def resize_labels(labels: records.Labels, task: str, size: tuple[int, int]) -> records.Labels:
-  """One task of `labels` at `size`; boxes are normalized and need no resizing."""
-  if task == "seg":
-    return records.Labels(seg=resize.resize_class_map(labels.seg, size))
-  if task == "depth":
-    return records.Labels(depth=resize.resize_depth(labels.depth, size))
-  if task == "normals":
-    return records.Labels(normals=resize.resize_normals(labels.normals, size))
-  return records.Labels(det_boxes=labels.det_boxes, det_classes=labels.det_classes,
-                        det_scores=labels.det_scores)
 
 
 @base.register("toyworld")
@@ -59,7 +48,8 @@ class ToyworldExpert(base.Expert):
         raise base.ExpertError(f"toyworld expert: record {key!r} has a {height}x{width} image; "
                                "toy-world scenes are square")
       scene = _scene(key, height)
-      labels.append(resize_labels(scene.labels, self.task, self.label_size(image)))
+      labels.append(task_lib.get(self.task).resize_labels(scene.labels,
+                                                          self.label_size(image)))
     return labels
 
   def prepare(self, image: np.ndarray, key: str):

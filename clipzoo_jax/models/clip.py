@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from clipzoo_jax import tasks as task_lib
 from clipzoo_jax.models import heads as heads_lib
 from clipzoo_jax.models import text as text_lib
 from clipzoo_jax.models import vit
@@ -44,11 +45,10 @@ class CLIPTeX(nn.Module):
     self.logit_scale = self.param(
         "logit_scale", nn.with_logical_partitioning(
             nn.initializers.constant(cfg.get("logit_scale_init", math.log(1 / 0.07))), ()), ())
-    tasks = tuple(cfg.heads.tasks)
+    specs = task_lib.head_specs(tuple(cfg.heads.tasks), cfg)
     self.heads = heads_lib.TaskHeads(
-        tasks=tasks, num_seg_classes=cfg.heads.num_seg_classes,
-        num_det_classes=cfg.heads.num_det_classes, hidden=cfg.heads.hidden,
-        upsample=cfg.heads.upsample, dtype=dtype) if tasks else None
+        specs=specs, hidden=cfg.heads.hidden, upsample=cfg.heads.upsample,
+        dtype=dtype) if specs else None
 
   def encode_image(self, images):
     """-> (unnormalized embedding (B, E), patch tokens (B, g, g, D))."""

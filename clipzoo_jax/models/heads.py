@@ -1,5 +1,6 @@
-"""Light dense task heads on the image tower's patch-token grid (segmentation, depth, normals,
-CenterNet-style detection): LayerNorm, a 3x3 conv, then x2 upsample + 3x3 conv stages."""
+"""Light dense task heads on the image tower's patch-token grid: LayerNorm, a 3x3 conv, then x2
+upsample + 3x3 conv stages. Which heads exist and how their channels split into named outputs
+is data (`clipzoo_jax.tasks.HeadSpec`), shared with the PyTorch heads."""
 
 from __future__ import annotations
 
@@ -11,9 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from clipzoo_jax.models import transformer as tfm
-
-HEAD_TASKS = ("seg", "depth", "normals", "det")
-DET_HEATMAP_PRIOR = 0.1  # initial foreground probability of the heatmap, as CenterNet
+from clipzoo_jax.tasks import HeadSpec
 
 
 def conv_init():
@@ -48,33 +47,30 @@ class UpsampleHead(nn.Module):
                        nn.initializers.constant(self.out_bias_init), ("conv_out",)))(x)
 
 
+def slice_outputs(raw, spec) -> dict:
+  """The named outputs of one head's raw channels (B, H, W, C), as its HeadSpec cuts them."""
+  out = {}
+  for output in spec.outputs:
+    value = raw[..., output.start] if output.stop is None else raw[..., output.start:output.stop]
+    if output.unit_norm:
+      value = value / jnp.maximum(jnp.linalg.norm(value, axis=-1, keepdims=True), 1e-6)
+    out[output.name] = value
+  return out
+
+
 class TaskHeads(nn.Module):
-  """One head per active task. Outputs float32 (losses are computed in float32)."""
-  tasks: Sequence[str]
-  num_seg_classes: int
-  num_det_classes: int
+  """One UpsampleHead per HeadSpec (`clipzoo_jax.tasks.head_specs`), named as the spec says.
+  Outputs float32 (losses are computed in float32)."""
+  specs: Sequence[HeadSpec]
   hidden: int = 128
   upsample: int = 4
   dtype: tfm.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, grid):
-    unknown = sorted(set(self.tasks) - set(HEAD_TASKS))
-    if unknown:
-      raise ValueError(f"model.heads.tasks: unknown {unknown}; expected a subset of {HEAD_TASKS}")
-    head = lambda channels, name, bias=0.0: UpsampleHead(
-        channels, self.hidden, self.upsample, bias, self.dtype, name=name)(grid).astype(jnp.float32)
     out = {}
-    if "seg" in self.tasks:
-      out["seg"] = head(self.num_seg_classes, "seg_head")
-    if "depth" in self.tasks:
-      out["depth"] = head(1, "depth_head")[..., 0]
-    if "normals" in self.tasks:
-      raw = head(3, "normals_head")
-      out["normals"] = raw / jnp.maximum(jnp.linalg.norm(raw, axis=-1, keepdims=True), 1e-6)
-    if "det" in self.tasks:
-      prior = -math.log((1 - DET_HEATMAP_PRIOR) / DET_HEATMAP_PRIOR)
-      out["det_heatmap"] = head(self.num_det_classes, "det_heatmap_head", prior)
-      box = head(4, "det_box_head")
-      out["det_size"], out["det_offset"] = box[..., :2], box[..., 2:]
+    for spec in self.specs:
+      raw = UpsampleHead(spec.channels, self.hidden, self.upsample, spec.bias_init, self.dtype,
+                         name=spec.name)(grid).astype(jnp.float32)
+      out.update(slice_outputs(raw, spec))
     return out

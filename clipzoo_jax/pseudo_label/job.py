@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from clipzoo_jax import atomic_files
+from clipzoo_jax import tasks as task_lib
 from clipzoo_jax.data import records, shards
 from clipzoo_jax.experts import base
 from clipzoo_jax.pseudo_label import corpus as corpus_lib
@@ -59,15 +61,6 @@ class Decoded:
 # Plan: the corpus split into slices, fixed once per output directory.
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def job_identity(corpus: corpus_lib.Corpus, experts: Mapping[str, base.Expert], split: str) -> dict:
   return {"corpus": corpus.describe(), "split": split,
           "experts": {task: expert.manifest_entry() for task, expert in experts.items()}}
@@ -89,7 +82,7 @@ def load_or_write_plan(output_dir: str, corpus: corpus_lib.Corpus,
     return plan
   plan = dict(identity, slices=[part.to_json() for part in corpus.plan()])
   os.makedirs(output_dir, exist_ok=True)
-  _write_json(path, plan)
+  atomic_files.write_json(path, plan, indent=1)
   return plan
 
 
@@ -185,8 +178,7 @@ class _Prefetcher:
 
 
 def _merge(into: records.Labels, labels: records.Labels, task: str) -> None:
-  fields = ("det_boxes", "det_classes", "det_scores") if task == "det" else (task,)
-  for field in fields:
+  for field in task_lib.get(task).label_fields:
     setattr(into, field, getattr(labels, field))
 
 
@@ -224,7 +216,7 @@ class _Pools:
 
 def label_shard(path: str, part: corpus_lib.Slice, corpus: corpus_lib.Corpus,
                 experts: Mapping[str, base.Expert], options: JobOptions, pools: _Pools,
-                progress: report.Progress) -> dict:
+                progress: report.ShardProgress) -> dict:
   """Writes one complete shard (+ its bad-input report) for `part`; returns the report."""
   shard_report = report.ShardReport(os.path.basename(path), part.to_json())
   seen: set[str] = set()
@@ -259,7 +251,7 @@ def label_shard(path: str, part: corpus_lib.Slice, corpus: corpus_lib.Corpus,
     shard_report.written = writer.num_records
     shard_report.seconds["total"] = time.perf_counter() - started
     # Written before the shard's sidecar: a complete shard always has its report.
-    _write_json(report.shard_report_path(path), shard_report.to_json())
+    atomic_files.write_json(report.shard_report_path(path), shard_report.to_json(), indent=1)
   return shard_report.to_json()
 
 
@@ -296,8 +288,8 @@ def run_worker(corpus: corpus_lib.Corpus, experts: Mapping[str, base.Expert], ou
     log(f"worker {worker_index}/{num_workers}: removed partial files {removed}")
   todo = [i for i in mine if not shards.is_complete(os.path.join(output_dir, names[i]))]
   slices = [corpus_lib.Slice.from_json(s) for s in plan["slices"]]
-  progress = report.Progress(f"worker {worker_index}/{num_workers}", [slices[i].count for i in todo],
-                             log, options.progress_every_s)
+  progress = report.ShardProgress(f"worker {worker_index}/{num_workers}",
+                                  [slices[i].count for i in todo], log, options.progress_every_s)
   log(f"worker {worker_index}/{num_workers}: {len(todo)} of {len(mine)} shards to do "
       f"({len(names)} in the job)")
   with futures.ThreadPoolExecutor(options.decode_threads) as decode_pool, \

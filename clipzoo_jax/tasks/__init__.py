@@ -1,0 +1,37 @@
+"""The dense pseudo-label tasks (seg, depth, normals, det), each in one module; see `base.py`."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from clipzoo_jax.tasks.base import (Field, HeadSpec, OutputSlice, Task, get, get_all, names,
+                                    register)
+
+__all__ = ["Field", "HeadSpec", "OutputSlice", "Task", "get", "get_all", "names", "register",
+           "canonical_order", "batch_fields", "head_specs"]
+
+
+def canonical_order(task_names: Sequence[str]) -> tuple[str, ...]:
+  """The given tasks in the schema's order (so sums and layouts do not depend on config order);
+  an unknown name is an error."""
+  get_all(task_names)
+  return tuple(name for name in names() if name in set(task_names))
+
+
+def batch_fields(task_names: Sequence[str], label_size: int, max_boxes: int,
+                 model_config) -> dict[str, Field]:
+  """The batch contract: image and tokens, then each task's labels and mask (per example)."""
+  image_size = int(model_config.image.image_size)
+  fields = {"image": Field((image_size, image_size, 3), np.float32),
+            "tokens": Field((int(model_config.text.context_length),), np.int32)}
+  for task in get_all(canonical_order(task_names), "model.heads.tasks"):
+    fields.update(task.batch_fields(label_size, max_boxes, model_config))
+  return fields
+
+
+def head_specs(task_names: Sequence[str], model_config) -> tuple[HeadSpec, ...]:
+  """Every head module of the active tasks, in the schema's order."""
+  return tuple(spec for task in get_all(canonical_order(task_names), "model.heads.tasks")
+               for spec in task.heads(model_config))
