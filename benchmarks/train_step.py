@@ -17,89 +17,58 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_step.json")
-ALL_TASKS = ["seg", "depth", "normals", "det"]
-
 
 def case_config(name: str):
   from clipzoo_jax import config_base
+  from clipzoo_jax import tasks as task_lib
   from clipzoo_jax.models import variants
+  all_tasks = list(task_lib.names())
   if name in ("demo", "demo_clipft"):
-    config = config_base.demo_config(ALL_TASKS if name == "demo" else [])
-    return config
+    return config_base.demo_config(all_tasks if name == "demo" else [])
   if name in ("S16", "S16_clipft"):
-    tasks = ALL_TASKS if name == "S16" else []
+    tasks = all_tasks if name == "S16" else []
     config = config_base.demo_config(tasks)
     config.model = variants.model_config("S/16", image_size=224, tasks=tasks,
                                          num_seg_classes=150, num_det_classes=80)
     config.data.image_size, config.data.label_size = 224, 56
     config.global_batch_size = 16
     config.tokenizer.context_length = 77
+    config.loss.weights = {t: 1.0 for t in tasks}
     return config
   raise ValueError(f"unknown case {name!r}")
-
-
-def synthetic_batch(config, rng):
-  import numpy as np
-  b, s, l = config.global_batch_size, config.data.image_size, config.data.label_size
-  batch = {"image": rng.normal(size=(b, s, s, 3)).astype(np.float32),
-           "tokens": rng.integers(1, config.model.text.vocab_size - 1,
-                                  size=(b, config.model.text.context_length)).astype(np.int32)}
-  tasks = config.model.heads.tasks
-  if "seg" in tasks:
-    batch["seg"] = rng.integers(-1, config.model.heads.num_seg_classes, (b, l, l)).astype(np.int32)
-  if "depth" in tasks:
-    batch["depth"] = rng.uniform(0.5, 5, (b, l, l)).astype(np.float32)
-  if "normals" in tasks:
-    n = rng.normal(size=(b, l, l, 3))
-    batch["normals"] = (n / np.linalg.norm(n, axis=-1, keepdims=True)).astype(np.float32)
-  if "det" in tasks:
-    corner = rng.uniform(0, 0.5, (b, 16, 2))
-    batch["det_boxes"] = np.concatenate([corner, corner + 0.3], -1).astype(np.float32)
-    batch["det_classes"] = rng.integers(0, config.model.heads.num_det_classes, (b, 16)).astype(np.int32)
-  for task in tasks:
-    batch[f"{task}_mask"] = np.ones((b,), np.float32)
-  return batch
 
 
 def measure(name: str, steps: int) -> dict:
   import jax
   import numpy as np
-  from clipzoo_jax import optim, sharding, train
-  from clipzoo_jax.data import loader
-  from clipzoo_jax.models import clip
+  from clipzoo_jax import run as run_lib
 
   config = case_config(name)
-  mesh = train.build_mesh(config)
-  rules = sharding.rules_from_config()
-  model = clip.CLIPTeX(config.model)
-  rng = jax.random.PRNGKey(0)
-  abstract, _ = train.abstract_params_and_specs(model, config, rng)
-  tx, schedule = optim.make_optimizer(config.optim, abstract, 1000)
-  state, shardings = train.create_state(model, tx, config, mesh, rules, rng)
-  batch = loader.to_global_batch(synthetic_batch(config, np.random.default_rng(0)), mesh)
-  step = train.make_train_step(model, tx, schedule, config, shardings,
-                               jax.tree.map(lambda x: x.sharding, batch), mesh, rules)
+  config.total_steps = 1000
+  run = run_lib.setup(config)
   start = time.perf_counter()
-  compiled = step.compile(state, batch)
+  compiled = run.compile()  # from the abstract state and batch: no data, no state yet
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  state, metrics = step(state, batch)
+  state = run.init_state()
+  batch = run.global_batch(run.synthetic_batch())
+  state, metrics = run.train_step(state, batch)
   jax.block_until_ready(metrics)
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    state, metrics = step(state, batch)
+    state, metrics = run.train_step(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   step_s = float(np.median(times))
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  params = sum(x.size for x in jax.tree.leaves(abstract))
+  params = sum(x.size for x in jax.tree.leaves(run.abstract_state["params"]))
   return {
       "case": name, "variant": config.model.variant, "tasks": list(config.model.heads.tasks),
       "image_size": config.data.image_size, "global_batch": config.global_batch_size,
-      "devices": jax.device_count(), "mesh": dict(mesh.shape), "params_millions": params / 1e6,
+      "devices": jax.device_count(), "mesh": dict(run.mesh.shape), "params_millions": params / 1e6,
       "compile_s": compile_s, "step_s_median": step_s, "step_s_min": float(min(times)),
       "examples_per_s": config.global_batch_size / step_s,
       "gflop_per_step": flops / 1e9, "achieved_gflop_per_s": flops / 1e9 / step_s,

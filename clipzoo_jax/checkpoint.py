@@ -23,28 +23,32 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def _array_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
-  from orbax.checkpoint._src.serialization import type_handler_registry
-  registry = ocp.type_handlers.create_type_handler_registry(
-      *type_handler_registry._DEFAULT_TYPE_HANDLERS)  # pylint: disable=protected-access
-  default = registry.get(jax.Array)
-  registry.add(jax.Array, ocp.type_handlers.ArrayHandler(
-      min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES,
-      array_metadata_store=default._array_metadata_store), override=True)  # pylint: disable=protected-access
-  return registry
+# The leaf types of a state or restored tree (Orbax's standard ones), each keeping Orbax's own
+# handler; only jax.Array gets ours. Public API only: `get_type_handler` of each type.
+STANDARD_LEAF_TYPES = (int, float, bytes, np.number, np.ndarray, str)
+
+
+def type_handler_registry() -> ocp.type_handlers.TypeHandlerRegistry:
+  """A registry of Orbax's handlers for the standard leaf types, with a jax.Array handler that
+  splits replicated arrays across replicas only from MIN_REPLICA_PARALLEL_SLICE_BYTES on."""
+  handlers = [(leaf_type, ocp.type_handlers.get_type_handler(leaf_type))
+              for leaf_type in STANDARD_LEAF_TYPES]
+  handlers.append((jax.Array, ocp.type_handlers.ArrayHandler(
+      min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES)))
+  return ocp.type_handlers.create_type_handler_registry(*handlers)
 
 
 def _manager(workdir: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
-  handlers = {STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=_array_handlers()),
+  handlers = {STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=type_handler_registry()),
               DATA: ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
 class Checkpointer:
-  """Saves every `every` steps (and on demand), keeps the newest `keep`, restores onto any mesh."""
+  """Saves when asked (the loop's `periodic.Every` decides when), keeps the newest `keep`,
+  restores onto any mesh."""
 
-  def __init__(self, workdir: str, every: int, keep: int = 3, async_save: bool = True):
-    self.every = max(int(every), 1)
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = _manager(workdir, options)
@@ -52,12 +56,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
-    """Saves at multiples of `every`, or now when forced (last step, preemption)."""
-    if not force and step % self.every:
-      return False
+  def save(self, step: int, state, data_state: dict) -> bool:
+    """Starts saving `state` and the input iterator's `data_state` as checkpoint `step`."""
     return self.manager.save(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.PyTreeSave(state), DATA: ocp.args.JsonSave(data_state)}), force=force)
+        STATE: ocp.args.PyTreeSave(state), DATA: ocp.args.JsonSave(data_state)}), force=True)
 
   def restore(self, step: int, abstract_state):
     """Restores onto the shardings of `abstract_state` (jax.ShapeDtypeStruct leaves with
@@ -93,20 +95,20 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def restore_params(workdir: str, step: int | None = None):
   """(params as host NumPy arrays, config) of a run's checkpoint: latest step unless given.
 
-  Reads only the `params` subtree (partial restore), one copy in host memory.
+  Reads only the `params` subtree (partial restore), one copy in host memory, into the parameter
+  tree the run's config describes (`run.abstract_params_and_specs`).
   """
+  from clipzoo_jax import run as run_lib  # pylint: disable=import-outside-toplevel
   config = load_config(workdir)
   manager = _manager(workdir, ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
     raise FileNotFoundError(f"{checkpoint_dir(workdir)}: no checkpoint at step {step}; "
                             f"found steps {sorted(manager.all_steps())}")
-  metadata = manager.item_metadata(step)[STATE]
-  tree = metadata.tree if hasattr(metadata, "tree") else metadata
-  params_meta = tree["params"]
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
+  abstract_params, _ = run_lib.abstract_params_and_specs(config.model)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract_params)
   restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-      item={"params": params_meta}, restore_args={"params": restore_args},
+      item={"params": abstract_params}, restore_args={"params": restore_args},
       partial_restore=True)}))
   manager.close()
   return restored[STATE]["params"], config

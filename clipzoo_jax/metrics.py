@@ -1,77 +1,129 @@
-"""Run metrics: `metrics.jsonl` (one JSON object per logged step), TensorBoard, and a progress
-line with rate and ETA. Only process 0 writes."""
+"""Run metrics: `metrics.jsonl` with exactly one JSON row per step, and TensorBoard beside it.
+
+Everything logged at one step (training interval means, evaluator results, data counters) is
+merged into that step's row. A resumed run opens the writer at its checkpoint step: rows after it
+are dropped (those steps will run again), so a step redone after a crash replaces its row instead
+of repeating it. TensorBoard is rebuilt from the file whenever the file is rewritten, so the file,
+TensorBoard, the plots and any reader (`read_rows`) always agree. Only process 0 writes.
+"""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
-import time
+from typing import Mapping
 
 import jax
 import numpy as np
+
+from clipzoo_jax import atomic_files
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _scalar(value) -> float:
   return float(np.asarray(value))
 
 
+def read_rows(workdir: str) -> list[dict]:
+  """The rows of `<workdir>/metrics.jsonl`, one per step in step order. Rows of the same step
+  (files written before rows were merged) are merged, later values winning."""
+  path = os.path.join(workdir, METRICS_FILE)
+  rows: dict[int, dict] = {}
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        step = int(row["step"])
+      except (ValueError, KeyError, TypeError) as error:
+        if not line.endswith("\n"):
+          break  # the torn last line of a write cut short by a kill; its step will run again
+        raise ValueError(f"{path}: line {number} is not a metrics row ({error}): "
+                         f"{line[:200]!r}") from None
+      rows.setdefault(step, {}).update(row)
+  return [rows[step] for step in sorted(rows)]
+
+
+def _jsonl(rows) -> str:
+  return "".join(json.dumps(row) + "\n" for row in rows)
+
+
 class MetricsWriter:
-  def __init__(self, workdir: str, total_steps: int, tensorboard: bool = True):
+  """Collects each step's metrics into one row; `flush` writes the collected rows.
+
+  `resume_step`: the step the run restarts from (its checkpoint); rows after it are dropped.
+  Appending a later step is the common, cheap case; adding to an earlier step's row (an
+  evaluator run standalone on an old checkpoint) rewrites the file atomically.
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None = None, tensorboard: bool = True):
     self.is_writer = jax.process_index() == 0
-    self.total_steps = total_steps
-    self._jsonl = None
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIR) if tensorboard else None
+    self._pending: dict[int, dict] = {}
+    self._last_step: int | None = None
     self._tb = None
     if self.is_writer:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      if tensorboard:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      rows = read_rows(workdir)
+      if resume_step is not None:
+        rows = [row for row in rows if row["step"] <= resume_step]
+      self._rewrite(rows)
 
-  def write(self, step: int, metrics: dict) -> dict:
-    row = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
-    if self.is_writer:
-      self._jsonl.write(json.dumps(row) + "\n")
-      self._jsonl.flush()
-      if self._tb is not None:
-        for name, value in row.items():
-          if name != "step":
-            self._tb.add_scalar(name, value, step)
-        self._tb.flush()
-    return row
+  def write(self, step: int, metrics: Mapping) -> dict:
+    """Merges `metrics` into step's pending row; returns that row (as floats, with `step`)."""
+    row = self._pending.setdefault(int(step), {"step": int(step)})
+    row.update({name: _scalar(value) for name, value in metrics.items()})
+    return dict(row)
+
+  def flush(self) -> None:
+    """Writes the pending rows: appended when they follow the file's last step, else merged."""
+    pending, self._pending = self._pending, {}
+    if not self.is_writer or not pending:
+      return
+    if self._last_step is not None and min(pending) <= self._last_step:
+      merged = {row["step"]: row for row in read_rows(os.path.dirname(self.path))}
+      for step, row in pending.items():
+        merged.setdefault(step, {}).update(row)
+      self._rewrite([merged[step] for step in sorted(merged)])
+      return
+    rows = [pending[step] for step in sorted(pending)]
+    with open(self.path, "a") as f:
+      f.write(_jsonl(rows))
+    self._add_to_tensorboard(rows)
+    self._last_step = rows[-1]["step"]
 
   def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
+    self.flush()
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
+  def _rewrite(self, rows: list[dict]) -> None:
+    """The file and TensorBoard become exactly `rows`."""
+    atomic_files.write_text(self.path, _jsonl(rows))
+    self._last_step = rows[-1]["step"] if rows else None
+    if self.tensorboard_dir is None:
+      return
+    if self._tb is not None:
+      self._tb.close()
+    for events in glob.glob(os.path.join(self.tensorboard_dir, "events.out.tfevents.*")):
+      os.remove(events)
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    self._tb = SummaryWriter(self.tensorboard_dir)
+    self._add_to_tensorboard(rows)
 
-class Progress:
-  """Examples/s and ETA over the interval since the last report."""
-
-  def __init__(self, total_steps: int, start_step: int, batch_size: int):
-    self.total_steps = total_steps
-    self.batch_size = batch_size
-    self._last_step, self._last_time = start_step, time.perf_counter()
-
-  def tick(self, step: int) -> tuple[float, float]:
-    """(examples per second, seconds left) since the previous tick."""
-    now = time.perf_counter()
-    steps = max(step - self._last_step, 1)
-    seconds_per_step = (now - self._last_time) / steps
-    self._last_step, self._last_time = step, now
-    return self.batch_size / max(seconds_per_step, 1e-9), seconds_per_step * (self.total_steps - step)
-
-  @staticmethod
-  def line(step: int, total: int, row: dict, rate: float, eta: float) -> str:
-    losses = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("loss"))
-    return (f"step {step}/{total} {losses} lr={row.get('learning_rate', 0):.2e} "
-            f"{rate:.1f} ex/s ETA {_format_seconds(eta)}")
-
-
-def _format_seconds(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  hours, rest = divmod(seconds, 3600)
-  minutes, seconds = divmod(rest, 60)
-  return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+  def _add_to_tensorboard(self, rows: list[dict]) -> None:
+    if self._tb is None:
+      return
+    for row in rows:
+      for name, value in row.items():
+        if name != "step":
+          self._tb.add_scalar(name, value, row["step"])
+    self._tb.flush()

@@ -1,34 +1,33 @@
-"""Pictures of a run: the loss curves of `metrics.jsonl` (total and per task) as one PNG."""
+"""Pictures of a run: the loss curves of `metrics.jsonl` (total and per task) as one PNG, drawn
+from the same rows `metrics.read_rows` gives every other reader."""
 
 from __future__ import annotations
 
-import json
 import os
 
+from clipzoo_jax import metrics
 
-def read_metrics(workdir: str) -> list[dict]:
-  """Rows of metrics.jsonl; a resumed run's later rows replace earlier rows of the same step."""
-  rows: dict[int, dict] = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      rows[row["step"]] = row
-  return [rows[step] for step in sorted(rows)]
+
+def loss_series(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
+  """{loss name: (steps, values)} of every `loss` / `loss/<task>` column, total first."""
+  rows = metrics.read_rows(workdir)
+  names = sorted({k for row in rows for k in row if k.startswith("loss")},
+                 key=lambda k: (k != "loss", k))
+  return {name: ([row["step"] for row in rows if name in row],
+                 [row[name] for row in rows if name in row]) for name in names}
 
 
 def plot_losses(workdir: str, out: str | None = None) -> str:
   """Writes `<workdir>/loss.png`: one panel per loss (`loss`, `loss/<task>`); returns its path."""
-  import matplotlib
+  import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  rows = read_metrics(workdir)
-  names = sorted({k for row in rows for k in row if k.startswith("loss")},
-                 key=lambda k: (k != "loss", k))
-  fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
-  steps = [row["step"] for row in rows]
-  for ax, name in zip(axes[0], names):
-    ax.plot(steps, [row.get(name, float("nan")) for row in rows], lw=1.5)
+  series = loss_series(workdir)
+  fig, axes = plt.subplots(1, max(len(series), 1), figsize=(3.2 * max(len(series), 1), 2.8),
+                           squeeze=False)
+  for ax, (name, (steps, values)) in zip(axes[0], series.items()):
+    ax.plot(steps, values, lw=1.5)
     ax.set_title(name, fontsize=10)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)

@@ -44,7 +44,8 @@ def get_config(arg=None):
   config.mesh = [-1, 1, 1]  # pure data parallel by default; set fsdp for large towers
   config.optim.learning_rate = args.lr
   config.optim.warmup_steps = min(2000, config.total_steps // 10)
-  config.optim.lr_multipliers = [[r"^heads/", 10.0]]  # fresh heads learn faster than the towers
+  if tasks:  # fresh heads learn faster than the towers (CLIP-FT has no heads to match)
+    config.optim.lr_multipliers = [[r"^heads/", 10.0]]
   config.loss.weights = {t: args[f"w_{t}"] for t in tasks}
   if args.runlocal:
     config_base.make_local(config)

@@ -206,10 +206,10 @@ def test_convert_tool_export_check_import(tmp_path, tokenizer_dir):
   config.tokenizer = {"directory": "tokenizer", "context_length": 8}
   checkpoint.save_config(workdir, config)
   params = random_params(config.model, seed=1)
-  saver = checkpoint.Checkpointer(workdir, every=1, async_save=False)
+  saver = checkpoint.Checkpointer(workdir, async_save=False)
   for step in (3, 7):
     saver.save(step, {"step": np.int32(step), "params": params,
-                      "opt_state": {"count": np.int32(step)}}, {"epoch": 0}, force=True)
+                      "opt_state": {"count": np.int32(step)}}, {"epoch": 0})
   saver.close()
 
   tool = _load_tool()

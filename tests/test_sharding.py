@@ -1,13 +1,11 @@
 """Parameters, optimizer state and batches land on the mesh as the logical rules say."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from clipzoo_jax import optim, sharding, train
-from clipzoo_jax.models import clip
+from clipzoo_jax import run, sharding
 from tests import helpers
 
 
@@ -18,22 +16,17 @@ def test_mesh_shape_fills_and_rejects_bad_sizes():
     sharding.mesh_shape([3, -1, 1], 8)
   with pytest.raises(ValueError, match="config.mesh"):
     sharding.mesh_shape([2, 2, 1], 8)
-  assert train.shrink_mesh_to_fit([-1, 2, 1], 1) == [-1, 1, 1]
+  assert run.shrink_mesh_to_fit([-1, 2, 1], 1) == [-1, 1, 1]
 
 
-def _state(config, mesh):
-  rules = sharding.rules_from_config(config.sharding_rules)
-  model = clip.CLIPTeX(config.model)
-  rng = jax.random.PRNGKey(0)
-  abstract, _ = train.abstract_params_and_specs(model, config, rng)
-  tx, _ = optim.make_optimizer(config.optim, abstract, 10)
-  return train.create_state(model, tx, config, mesh, rules, rng)
+def _state(config, mesh_sizes, devices=None):
+  run = helpers.run_on(config, mesh_sizes, devices)
+  return run.init_state(), run.state_shardings
 
 
 def test_params_and_adam_moments_are_sharded_by_rules():
   config = helpers.tiny_config()
-  mesh = sharding.make_mesh([2, 2, 2])
-  state, _ = _state(config, mesh)
+  state, _ = _state(config, [2, 2, 2])
   query = state["params"]["img"]["encoder"]["block_0"]["attn"]["query"]["kernel"]
   assert query.sharding.spec == P("fsdp", "tensor", None)       # (embed, heads, kv)
   fc = state["params"]["txt"]["encoder"]["block_1"]["mlp"]["fc"]["kernel"]
@@ -48,15 +41,14 @@ def test_params_and_adam_moments_are_sharded_by_rules():
 
 def test_config_rules_override_defaults():
   config = helpers.tiny_config(sharding_rules=[["embed", None], ["mlp", "fsdp"]])
-  mesh = sharding.make_mesh([2, 2, 2])
-  state, _ = _state(config, mesh)
+  state, _ = _state(config, [2, 2, 2])
   fc = state["params"]["txt"]["encoder"]["block_1"]["mlp"]["fc"]["kernel"]
   assert fc.sharding.spec == P(None, "fsdp")
 
 
 def test_sharded_init_equals_single_device_init():
   config = helpers.tiny_config()
-  state8, _ = _state(config, sharding.make_mesh([2, 2, 2]))
-  state1, _ = _state(config, sharding.make_mesh([1, 1, 1], devices=jax.devices()[:1]))
+  state8, _ = _state(config, [2, 2, 2])
+  state1, _ = _state(config, [1, 1, 1], devices=jax.devices()[:1])
   for a, b in zip(jax.tree.leaves(state8["params"]), jax.tree.leaves(state1["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

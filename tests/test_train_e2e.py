@@ -111,6 +111,38 @@ def test_preempted_run_resumes_to_the_same_losses(tmp_path):
     assert resumed[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
+def test_run_killed_between_checkpoints_keeps_one_row_per_step(tmp_path):
+  """SIGKILL after the step-50 checkpoint but before step 100: the rerun redoes steps 51.., and
+  metrics.jsonl, TensorBoard and the loss plot's data all hold each step exactly once."""
+  from clipzoo_jax import plots
+  from tests import helpers
+  flags = ["--config.total_steps=200", "--config.log_every=1", "--config.checkpoint_every=50"]
+  config = "configs/demo.py:runlocal"
+  workdir = str(tmp_path / "killed")
+  process = subprocess.Popen(_command(workdir, *flags, config=config), env=_env(8), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if (os.path.isdir(os.path.join(workdir, "checkpoints", "50"))
+        and len(open(metrics).readlines()) >= 60):
+      break
+    time.sleep(0.01)
+  process.kill()
+  process.wait(timeout=60)
+  logged = [row["step"] for row in _rows(workdir)]
+  assert 50 in _checkpoint_steps(workdir) and max(logged) < 200, (logged[-1], process.returncode)
+  assert max(logged) > 50  # rows past the checkpoint exist and will be redone
+
+  _train(workdir, *flags, config=config)
+  rows = _rows(workdir)
+  assert [row["step"] for row in rows] == list(range(1, 201))
+  helpers.assert_tensorboard_matches_file(workdir)
+  steps, values = plots.loss_series(workdir)["loss"]
+  assert steps == list(range(1, 201)) and values == [row["loss"] for row in rows]
+  assert os.path.getsize(os.path.join(workdir, "loss.png")) > 1000
+
+
 def test_two_process_run_then_resume_in_one_process(tmp_path):
   """Real multi-host: two JAX processes on localhost (4 CPU devices each) train together, and a
   single 8-device process resumes their checkpoint."""

@@ -5,8 +5,7 @@ import jax
 import numpy as np
 import transformers
 
-from clipzoo_jax import convert, optim, sharding, train
-from clipzoo_jax.models import clip
+from clipzoo_jax import convert
 from tests import helpers
 
 
@@ -29,14 +28,13 @@ def test_model_init_replaces_towers_and_keeps_fresh_heads(tmp_path):
   transformers.CLIPModel(hf_config).save_pretrained(str(tmp_path / "clip"))
   config.model_init = str(tmp_path / "clip")
 
-  mesh = sharding.make_mesh([2, 2, 2])
-  model = clip.CLIPTeX(config.model)
-  rng = jax.random.PRNGKey(0)
-  abstract, _ = train.abstract_params_and_specs(model, config, rng)
-  tx, _ = optim.make_optimizer(config.optim, abstract, 10)
-  fresh, shardings = train.create_state(model, tx, config, mesh, sharding.rules_from_config(), rng)
-  fresh_heads = jax.tree.map(np.asarray, fresh["params"]["heads"])
-  state = train.load_pretrained_towers(fresh, shardings, config)
+  run = helpers.run_on(config, [2, 2, 2])
+  shardings = run.state_shardings
+  config.model_init = ""
+  fresh_heads = jax.tree.map(np.asarray, helpers.run_on(config, [2, 2, 2]).init_state()
+                             ["params"]["heads"])
+  config.model_init = str(tmp_path / "clip")
+  state = run.init_state()  # with config.model_init set: towers loaded, heads fresh
 
   expected = convert.load_pretrained(config.model_init, config.model)
   for name in ("img", "txt"):

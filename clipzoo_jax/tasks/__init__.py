@@ -10,7 +10,7 @@ from clipzoo_jax.tasks.base import (Field, HeadSpec, OutputSlice, Task, get, get
                                     register)
 
 __all__ = ["Field", "HeadSpec", "OutputSlice", "Task", "get", "get_all", "names", "register",
-           "canonical_order", "batch_fields", "head_specs"]
+           "canonical_order", "batch_fields", "check_dataset", "head_specs"]
 
 
 def canonical_order(task_names: Sequence[str]) -> tuple[str, ...]:
@@ -29,6 +29,16 @@ def batch_fields(task_names: Sequence[str], label_size: int, max_boxes: int,
   for task in get_all(canonical_order(task_names), "model.heads.tasks"):
     fields.update(task.batch_fields(label_size, max_boxes, model_config))
   return fields
+
+
+def check_dataset(task_names: Sequence[str], manifest: dict, model_config, where: str) -> None:
+  """Every active task is in the dataset, and its labels fit the model's heads."""
+  found = manifest.get("tasks", {})
+  for task in get_all(canonical_order(task_names), "model.heads.tasks"):
+    if task.name not in found:
+      raise ValueError(f"{where}: task {task.name!r} of config.model.heads.tasks is not in the "
+                       f"dataset (manifest tasks: {sorted(found)})")
+    task.check_dataset(found[task.name], model_config, where)
 
 
 def head_specs(task_names: Sequence[str], model_config) -> tuple[HeadSpec, ...]:

@@ -90,6 +90,10 @@ class Task:
     """Plausible random labels for every field of `batch_fields` (benchmarks, compile checks)."""
     raise NotImplementedError
 
+  def check_dataset(self, manifest_entry: Mapping, model_config, where: str) -> None:
+    """Raises when the dataset's labels of this task cannot train the model's head (e.g. more
+    classes than the head has); `manifest_entry` is `manifest["tasks"][name]`."""
+
   # -- loader (TensorFlow) -------------------------------------------------------------------------
 
   def parse_features(self) -> dict:
@@ -125,6 +129,16 @@ class Task:
 
   def has_label(self, labels) -> bool:
     return getattr(labels, self.label_fields[0]) is not None
+
+
+def check_class_count(task: str, manifest_entry: Mapping, config_key: str, head_classes: int,
+                      where: str) -> None:
+  """The dataset's class names (from its experts) must fit the head's class count."""
+  classes = list(manifest_entry.get("classes") or [])
+  if len(classes) > int(head_classes):
+    raise ValueError(f"{where}: task {task!r} has {len(classes)} classes ({', '.join(classes[:5])}"
+                     f"{', ...' if len(classes) > 5 else ''}) but config.{config_key} is "
+                     f"{head_classes}; set --config.{config_key}={len(classes)}")
 
 
 def register(cls):

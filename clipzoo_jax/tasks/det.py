@@ -95,6 +95,10 @@ class Detection(base.Task):
             "det_classes": classes.astype(np.int32),
             "det_mask": np.ones((batch_size,), np.float32)}
 
+  def check_dataset(self, manifest_entry, model_config, where):
+    base.check_class_count(self.name, manifest_entry, "model.heads.num_det_classes",
+                           model_config.heads.num_det_classes, where)
+
   def parse_features(self):
     import tensorflow as tf
     return {"det/boxes": tf.io.VarLenFeature(tf.float32),

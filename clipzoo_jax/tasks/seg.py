@@ -32,6 +32,10 @@ class Segmentation(base.Task):
                            (batch_size, label_size, label_size))
     return {"seg": classes.astype(np.int32), "seg_mask": np.ones((batch_size,), np.float32)}
 
+  def check_dataset(self, manifest_entry, model_config, where):
+    base.check_class_count(self.name, manifest_entry, "model.heads.num_seg_classes",
+                           model_config.heads.num_seg_classes, where)
+
   def parse_features(self):
     import tensorflow as tf
     return {"seg/encoded": tf.io.FixedLenFeature([], tf.string, default_value="")}
