@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from clipzoo_jax import cli
+
 
 def _convert(text: str, default):
   if isinstance(default, bool):
@@ -11,7 +13,7 @@ def _convert(text: str, default):
       return True
     if text.lower() in ("false", "0", "no"):
       return False
-    raise ValueError(f"config arg: expected a boolean, found {text!r}")
+    raise cli.UserError(f"config arg: expected a boolean, found {text!r}")
   if isinstance(default, int):
     return int(text)
   if isinstance(default, float):
@@ -26,7 +28,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   for item in filter(None, (arg or "").split(",")):
     name, _, value = item.partition("=")
     if name not in defaults:
-      raise ValueError(f"config arg {name!r} is unknown; known args: {sorted(defaults)}")
+      raise cli.UserError(f"config arg {name!r} is unknown; known args: {sorted(defaults)}")
     result[name] = _convert(value if "=" in item else "true", defaults[name])
   return ml_collections.ConfigDict(result)
 

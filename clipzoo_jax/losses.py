@@ -14,6 +14,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from clipzoo_jax import cli
 from clipzoo_jax import tasks as task_lib
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature to at most 100
@@ -50,7 +51,7 @@ def total_loss(outputs: Mapping, batch: Mapping, tasks, weights: Mapping[str, fl
                                  outputs["logit_scale"])
   missing = sorted(set(tasks) - set(weights))
   if missing:
-    raise ValueError(f"config.loss.weights: no weight for active tasks {missing}; "
+    raise cli.UserError(f"config.loss.weights: no weight for active tasks {missing}; "
                      f"found weights for {sorted(weights)}")
   loss_config = loss_config or {}
   per_task = {task.name: task.loss(outputs["heads"], batch, loss_config)

@@ -12,6 +12,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from clipzoo_jax import cli
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -44,16 +46,16 @@ def mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Resolves one -1 entry so the product equals num_devices; errors name config.mesh."""
   sizes = list(sizes)
   if len(sizes) != len(MESH_AXES):
-    raise ValueError(f"config.mesh: expected {len(MESH_AXES)} sizes for {MESH_AXES}, found {sizes}")
+    raise cli.UserError(f"config.mesh: expected {len(MESH_AXES)} sizes for {MESH_AXES}, found {sizes}")
   if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh: at most one -1 (fill) entry, found {sizes}")
+    raise cli.UserError(f"config.mesh: at most one -1 (fill) entry, found {sizes}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"config.mesh {sizes}: {num_devices} devices are not divisible by {known}")
+      raise cli.UserError(f"config.mesh {sizes}: {num_devices} devices are not divisible by {known}")
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"config.mesh {tuple(sizes)} has {int(np.prod(sizes))} devices; "
+    raise cli.UserError(f"config.mesh {tuple(sizes)} has {int(np.prod(sizes))} devices; "
                      f"{num_devices} are available")
   return tuple(sizes)
 

@@ -8,6 +8,8 @@ import importlib.util
 import os
 import re
 
+from clipzoo_jax import cli
+
 
 @dataclasses.dataclass
 class SweepPoint:
@@ -39,7 +41,7 @@ def expand(config_spec: str) -> list[SweepPoint]:
   path, _, arg = config_spec.partition(":")
   module = load_config_module(path)
   if not hasattr(module, "sweep"):
-    raise ValueError(f"{path}: defines no sweep(add, arg) function to expand")
+    raise cli.UserError(f"{path}: defines no sweep(add, arg) function to expand")
   points: list[SweepPoint] = []
 
   def add(name: str | None = None, arg: str | None = None, **overrides):
@@ -53,6 +55,6 @@ def expand(config_spec: str) -> list[SweepPoint]:
   names = [p.name for p in points]
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
-    raise ValueError(f"{path}: sweep adds points with the same name {duplicates}; names are "
+    raise cli.UserError(f"{path}: sweep adds points with the same name {duplicates}; names are "
                      "workdir names and must be unique")
   return points

@@ -12,6 +12,7 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from clipzoo_jax import cli
 from clipzoo_jax import tasks as task_lib
 from clipzoo_jax.data import records, shards
 
@@ -26,7 +27,7 @@ def read_records(directory: str, num: int, shard: int | None = None, skip: int =
   paths = shards.shard_paths(directory)
   if shard is not None:
     if not 0 <= shard < len(paths):
-      raise ValueError(f"{directory}: shard {shard} out of range; the manifest lists {len(paths)}")
+      raise cli.UserError(f"{directory}: shard {shard} out of range; the manifest lists {len(paths)}")
     paths = [paths[shard]]
   dataset = tf.data.TFRecordDataset(paths).skip(skip).take(num)
   return [records.parse_example(s) for s in dataset.as_numpy_iterator()]
@@ -142,7 +143,7 @@ def visualize_directory(directory: str, output: str, num: int = 8, shard: int | 
   """Reads records of a dataset directory and writes their grid as a PNG to `output`."""
   found = read_records(directory, num, shard, skip)
   if not found:
-    raise ValueError(f"{directory}: no records to show (num={num}, shard={shard}, skip={skip})")
+    raise cli.UserError(f"{directory}: no records to show (num={num}, shard={shard}, skip={skip})")
   grid = render_grid(found, shards.read_manifest(directory), panel)
   Image.fromarray(grid).save(output)
   return grid

@@ -16,6 +16,8 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from clipzoo_jax import cli  # noqa: E402
+
 PARITY_TOLERANCE = 1e-4  # relative, fp32
 
 
@@ -53,12 +55,15 @@ def import_(args) -> dict:
   from clipzoo_jax import checkpoint
   from clipzoo_jax import convert
   from clipzoo_jax.convert import layout
+  tokenizer_dir = None
   if args.workdir:
-    model_config = checkpoint.load_config(args.workdir).model
+    config = checkpoint.load_config(args.workdir)
+    model_config, tokenizer_dir = config.model, _tokenizer_dir(args.workdir, config)
+    tokenizer_dir = tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else None
   else:
     model_config = convert.model_config_from_source(args.source, args.format)
   model_config.scan_layers = bool(args.scan or model_config.get("scan_layers"))
-  params = convert.load_pretrained(args.source, model_config, args.format)
+  params = convert.load_pretrained(args.source, model_config, args.format, tokenizer_dir)
   flat = layout.flatten(params)
   if args.out.endswith(".npz"):
     np.savez(args.out, **flat)
@@ -120,4 +125,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_argparse(main)

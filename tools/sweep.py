@@ -15,15 +15,16 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from clipzoo_jax import cli  # noqa: E402
 from clipzoo_jax import sweep  # noqa: E402
 
 
-def main():
+def main(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", required=True, help="configs/file.py[:args] with sweep()")
   parser.add_argument("--workdir", required=True, help="parent directory of the points' workdirs")
   parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
-  args, extra = parser.parse_known_args()
+  args, extra = parser.parse_known_args(argv)
   extra = [e for e in extra if e != "--"]
   points = sweep.expand(args.config)
   for index, point in enumerate(points):
@@ -35,4 +36,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_argparse(main)

@@ -13,6 +13,7 @@ import math
 
 import tensorflow as tf
 
+from clipzoo_jax import cli
 from clipzoo_jax.data.normalization import CLIP_MEAN, CLIP_STD
 _CROP_ATTEMPTS = 10
 
@@ -32,15 +33,15 @@ class AugmentOptions:
   def __post_init__(self):
     lo, hi = self.crop_scale
     if not 0 < lo <= hi <= 1:
-      raise ValueError(f"crop_scale expected 0 < low <= high <= 1, found {self.crop_scale}")
+      raise cli.UserError(f"crop_scale expected 0 < low <= high <= 1, found {self.crop_scale}")
     lo, hi = self.crop_ratio
     if not 0 < lo <= hi:
-      raise ValueError(f"crop_ratio expected 0 < low <= high, found {self.crop_ratio}")
+      raise cli.UserError(f"crop_ratio expected 0 < low <= high, found {self.crop_ratio}")
     if not 0 <= self.flip_probability <= 1:
-      raise ValueError(f"flip_probability expected in [0, 1], found {self.flip_probability}")
+      raise cli.UserError(f"flip_probability expected in [0, 1], found {self.flip_probability}")
     for name in ("image_size", "label_size", "max_boxes"):
       if getattr(self, name) <= 0:
-        raise ValueError(f"{name} expected > 0, found {getattr(self, name)}")
+        raise cli.UserError(f"{name} expected > 0, found {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 from jax.sharding import NamedSharding, PartitionSpec
 
+from clipzoo_jax import cli
 from clipzoo_jax import tasks as task_lib
 from clipzoo_jax.data import augment, records, shards
 
@@ -33,7 +34,7 @@ def _field(config, name: str, default=_REQUIRED):
   value = config.get(name, None) if hasattr(config, "get") else getattr(config, name, None)
   if value is None:
     if default is _REQUIRED:
-      raise ValueError(f"data config: field {name!r} is required; found fields "
+      raise cli.UserError(f"data config: field {name!r} is required; found fields "
                        f"{sorted(config.keys()) if hasattr(config, 'keys') else config}")
     return default
   return value
@@ -42,7 +43,7 @@ def _field(config, name: str, default=_REQUIRED):
 def _pair(config, name: str, default) -> tuple[float, float]:
   value = tuple(float(v) for v in _field(config, name, default))
   if len(value) != 2:
-    raise ValueError(f"data config: field {name!r} expected (low, high), found {value}")
+    raise cli.UserError(f"data config: field {name!r} expected (low, high), found {value}")
   return value
 
 
@@ -110,7 +111,7 @@ def _check_tasks(tasks: Sequence[str], manifest: Mapping, directory: str) -> tup
   for task in tasks:
     task_lib.get(task, "loader tasks")
     if task not in found:
-      raise ValueError(f"task {task!r} is not in the dataset {directory} (manifest tasks: {found})")
+      raise cli.UserError(f"task {task!r} is not in the dataset {directory} (manifest tasks: {found})")
   return tuple(tasks)
 
 
@@ -137,7 +138,7 @@ class InputPipeline:
     self.process_index = jax.process_index() if process_index is None else int(process_index)
     self.process_count = jax.process_count() if process_count is None else int(process_count)
     if global_batch_size % self.process_count:
-      raise ValueError(f"global batch size {global_batch_size} does not divide by the process "
+      raise cli.UserError(f"global batch size {global_batch_size} does not divide by the process "
                        f"count {self.process_count}")
     self.global_batch_size = int(global_batch_size)
     self.local_batch_size = self.global_batch_size // self.process_count
@@ -161,7 +162,7 @@ class InputPipeline:
     paths = shards.shard_paths(self.directory, manifest)
     counts = [int(s["num_records"]) for s in manifest["shards"]]
     if not paths:
-      raise ValueError(f"{self.directory}: the manifest lists no shards")
+      raise cli.UserError(f"{self.directory}: the manifest lists no shards")
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     self._filter_records = len(paths) < self.process_count
     if self._filter_records:
@@ -172,7 +173,7 @@ class InputPipeline:
       chosen = range(self.process_index, len(paths), self.process_count)
       self.local_records_per_epoch = sum(counts[i] for i in chosen)
     if self.local_records_per_epoch == 0:
-      raise ValueError(f"{self.directory}: process {self.process_index} of {self.process_count} "
+      raise cli.UserError(f"{self.directory}: process {self.process_index} of {self.process_count} "
                        f"gets no records (the manifest lists {sum(counts)} in {len(paths)} shards)")
     self._paths = [paths[i] for i in chosen]
     self._starts = [int(starts[i]) for i in chosen]

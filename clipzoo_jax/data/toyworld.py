@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from clipzoo_jax import cli
 from clipzoo_jax import atomic_files
 from clipzoo_jax.data import records, shards
 
@@ -464,12 +465,12 @@ def _check_params(directory: str, params: dict) -> None:
     with open(params_path) as f:
       found, source = json.load(f), params_path
   elif any(name.endswith(".tfrecord") for name in os.listdir(directory)):
-    raise ValueError(f"{directory}: holds .tfrecord shards but no {shards.MANIFEST_NAME} or "
+    raise cli.UserError(f"{directory}: holds .tfrecord shards but no {shards.MANIFEST_NAME} or "
                      f"{PARAMS_NAME}; not a toy-world dataset, use an empty directory")
   if source is None:
     atomic_files.write_json(params_path, params, indent=1)
   elif found != params:
-    raise ValueError(f"{source}: toy-world params differ from this call's; found {found}, "
+    raise cli.UserError(f"{source}: toy-world params differ from this call's; found {found}, "
                      f"expected {params}. Use another directory or the same arguments")
 
 

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from clipzoo_jax import cli
 from clipzoo_jax import tasks as task_lib
 from clipzoo_jax.models import heads as heads_lib
 from clipzoo_jax.models import text as text_lib
@@ -18,7 +19,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 def compute_dtype(name: str):
   if name not in DTYPES:
-    raise ValueError(f"model.dtype: expected one of {sorted(DTYPES)}, found {name!r}")
+    raise cli.UserError(f"model.dtype: expected one of {sorted(DTYPES)}, found {name!r}")
   return DTYPES[name]
 
 

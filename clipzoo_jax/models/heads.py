@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clipzoo_jax import cli
 from clipzoo_jax.models import transformer as tfm
 from clipzoo_jax.tasks import HeadSpec
 
@@ -31,7 +32,7 @@ class UpsampleHead(nn.Module):
   def __call__(self, grid):
     stages = int(round(math.log2(self.upsample)))
     if 2 ** stages != self.upsample:
-      raise ValueError(f"model.heads.upsample must be a power of 2, found {self.upsample}")
+      raise cli.UserError(f"model.heads.upsample must be a power of 2, found {self.upsample}")
     conv = lambda features, size, name: nn.Conv(
         features, (size, size), dtype=self.dtype, name=name, kernel_init=conv_init(),
         bias_init=tfm.zeros_init(("conv_out",)))

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clipzoo_jax import cli
+
 Dtype = Any
 
 # Activation logical axes: separate names from parameter axes, so a rules table can shard
@@ -36,7 +38,7 @@ ACTIVATIONS: dict[str, Callable] = {
 
 def activation_fn(name: str) -> Callable:
   if name not in ACTIVATIONS:
-    raise ValueError(f"model activation: expected one of {sorted(ACTIVATIONS)}, found {name!r}")
+    raise cli.UserError(f"model activation: expected one of {sorted(ACTIVATIONS)}, found {name!r}")
   return ACTIVATIONS[name]
 
 
@@ -109,7 +111,7 @@ class Attention(nn.Module):
   def __call__(self, x):
     width = x.shape[-1]
     if width % self.num_heads:
-      raise ValueError(f"attention: width {width} is not divisible by num_heads {self.num_heads}")
+      raise cli.UserError(f"attention: width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
     project = lambda name: HeadsProjection(self.num_heads, head_dim, self.dtype, name=name)(x)
     q, k, v = project("query"), project("key"), project("value")
@@ -183,7 +185,7 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x):
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"model remat: expected one of {sorted(REMAT_POLICIES)}, found {self.remat!r}")
+      raise cli.UserError(f"model remat: expected one of {sorted(REMAT_POLICIES)}, found {self.remat!r}")
     block_cls = Block
     if self.remat != "none":
       block_cls = nn.remat(Block, prevent_cse=not self.scan, policy=REMAT_POLICIES[self.remat])

@@ -10,6 +10,8 @@ import re
 
 import ml_collections
 
+from clipzoo_jax import cli
+
 # size: (image width, image depth, image heads, text width, text heads, embed dim)
 SIZES = {
     "mu": (64, 2, 2, 64, 2, 64),      # CPU demo and tests
@@ -25,7 +27,7 @@ def parse_variant(variant: str) -> tuple[str, int, int | None]:
   """'L/14@336' -> ('L', 14, 336); 'B/16' -> ('B', 16, None)."""
   match = re.fullmatch(r"(\w+)/(\d+)(?:@(\d+))?", variant)
   if not match or match.group(1) not in SIZES:
-    raise ValueError(f"model variant: expected SIZE/PATCH[@RES] with SIZE in {sorted(SIZES)}, "
+    raise cli.UserError(f"model variant: expected SIZE/PATCH[@RES] with SIZE in {sorted(SIZES)}, "
                      f"found {variant!r}")
   return match.group(1), int(match.group(2)), int(match.group(3)) if match.group(3) else None
 

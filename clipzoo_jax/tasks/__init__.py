@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
+from clipzoo_jax import cli
 from clipzoo_jax.tasks.base import (Field, HeadSpec, OutputSlice, Task, get, get_all, names,
                                     register)
 
@@ -36,7 +37,7 @@ def check_dataset(task_names: Sequence[str], manifest: dict, model_config, where
   found = manifest.get("tasks", {})
   for task in get_all(canonical_order(task_names), "model.heads.tasks"):
     if task.name not in found:
-      raise ValueError(f"{where}: task {task.name!r} of config.model.heads.tasks is not in the "
+      raise cli.UserError(f"{where}: task {task.name!r} of config.model.heads.tasks is not in the "
                        f"dataset (manifest tasks: {sorted(found)})")
     task.check_dataset(found[task.name], model_config, where)
 

@@ -23,6 +23,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from clipzoo_jax import cli
+
 # Task name -> the module that registers it (imported on first use, like the expert registry).
 _TASK_MODULES = {
     "seg": "clipzoo_jax.tasks.seg",
@@ -136,7 +138,7 @@ def check_class_count(task: str, manifest_entry: Mapping, config_key: str, head_
   """The dataset's class names (from its experts) must fit the head's class count."""
   classes = list(manifest_entry.get("classes") or [])
   if len(classes) > int(head_classes):
-    raise ValueError(f"{where}: task {task!r} has {len(classes)} classes ({', '.join(classes[:5])}"
+    raise cli.UserError(f"{where}: task {task!r} has {len(classes)} classes ({', '.join(classes[:5])}"
                      f"{', ...' if len(classes) > 5 else ''}) but config.{config_key} is "
                      f"{head_classes}; set --config.{config_key}={len(classes)}")
 
@@ -156,7 +158,7 @@ def names() -> tuple[str, ...]:
 
 def get(name: str, where: str = "task") -> Task:
   if name not in _TASK_MODULES:
-    raise ValueError(f"{where}: unknown task {name!r}; expected one of {list(_TASK_MODULES)}")
+    raise cli.UserError(f"{where}: unknown task {name!r}; expected one of {list(_TASK_MODULES)}")
   if name not in _REGISTRY:
     importlib.import_module(_TASK_MODULES[name])
   return _REGISTRY[name]

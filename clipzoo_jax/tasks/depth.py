@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from clipzoo_jax import cli
 from clipzoo_jax import losses
 from clipzoo_jax.tasks import base
 
@@ -87,7 +88,7 @@ class Depth(base.Task):
     kind = loss_config.get("depth", "ssi")
     loss_fn = {"ssi": depth_ssi_loss, "silog": depth_silog_loss}.get(kind)
     if loss_fn is None:
-      raise ValueError(f"config.loss.depth: expected one of {list(LOSS_KINDS)}, found {kind!r}")
+      raise cli.UserError(f"config.loss.depth: expected one of {list(LOSS_KINDS)}, found {kind!r}")
     return loss_fn(outputs["depth"], batch["depth"], batch["depth_mask"])
 
   def resize_labels(self, labels, size):
