@@ -150,3 +150,21 @@ def test_parse_spec():
     corpus.parse_spec("/d/data.bin")
   with pytest.raises(corpus.CorpusError, match="corpus.kind"):
     corpus.make_corpus({"kind": "parquet"})
+
+
+def test_csv_repeated_keys_are_refused_at_planning(tmp_path):
+  (tmp_path / "p.csv").write_text("id,image,caption\nx,a.jpg,one\ny,b.jpg,two\nx,c.jpg,three\n")
+  with pytest.raises(corpus.CorpusError, match=r"1 keys occur more than once, e\.g\. key 'x' in "
+                                               r"row 1 and in row 3.*key_column empty"):
+    corpus.CsvCorpus(str(tmp_path / "p.csv"), key_column="id").plan()
+  assert len(corpus.CsvCorpus(str(tmp_path / "p.csv")).plan()) == 1  # row-number keys
+
+
+def test_config_fields_of_other_kinds_do_not_apply(tmp_path):
+  (tmp_path / "p.tsv").write_text("filepath\ttitle\n")
+  reader = corpus.make_corpus({"kind": "tsv", "path": str(tmp_path / "p.tsv"), "pattern": "",
+                               "image_column": "filepath", "caption_column": "title",
+                               "key_by_source": False, "records_per_shard": 0, "data_dir": ""})
+  assert reader.describe()["image_column"] == "filepath" and reader.records_per_shard == 10000
+  with pytest.raises(corpus.CorpusError, match=r"unknown fields \['image_colum'\]"):
+    corpus.make_corpus({"kind": "tsv", "path": str(tmp_path / "p.tsv"), "image_colum": "x"})

@@ -3,6 +3,7 @@
 analytic geometry, Pillow's resize, and the toy-world renderer."""
 
 import hashlib
+import os
 import types
 import warnings
 
@@ -315,8 +316,13 @@ def test_weights_checksum_is_over_the_weight_files(models, tmp_path):
   expert = base.build_expert("seg", {"kind": "hf_semantic", "source": source, "device": "cpu"})
   digest = hashlib.sha256(open(f"{source}/model.safetensors", "rb").read()).hexdigest()
   want = hashlib.sha256(f"model.safetensors {digest}\n".encode()).hexdigest()
-  assert expert.manifest_entry()["expert"] == {"name": "hf_semantic", "source": source,
-                                               "weights_sha256": want}
+  configs = sorted(n for n in os.listdir(source) if n.endswith(".json"))
+  lines = "".join(f"{n} {hashlib.sha256(open(f'{source}/{n}', 'rb').read()).hexdigest()}\n"
+                  for n in configs)
+  assert expert.manifest_entry()["expert"] == {
+      "name": "hf_semantic", "source": source, "weights_sha256": want, "dtype": "float32",
+      "config_sha256": hashlib.sha256(lines.encode()).hexdigest(), "processor_kwargs": {},
+      "call_kwargs": {}}
   other = tiny.save_segformer(str(tmp_path / "other"), seed=1)
   other_expert = base.build_expert("seg", {"kind": "hf_semantic", "source": other, "device": "cpu"})
   assert other_expert.weights_sha256() != want
@@ -350,3 +356,21 @@ def test_config_errors_name_the_field(task, config, message):
 def test_missing_dependency_is_reported():
   with pytest.raises(base.ExpertError, match="needed tasks"):
     base.build_experts({"normals": {"kind": "depth_normals", "from_task": "depth"}})
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (1, 40), (1, 1), (4, 40)])
+def test_thin_and_tiny_images_are_read_channels_last(models, shape):
+  """A 3xW or 1xW image is (H, W, 3), not channels-first: the left half red and the right half blue
+  stays so in the model input, and the label has the image's shape."""
+  expert = base.build_expert("seg", {"kind": "hf_semantic", "source": models("segformer"),
+                                     "device": "cpu"})
+  image = np.zeros(shape + (3,), np.uint8)
+  image[:, :max(1, shape[1] // 2), 0] = 255
+  image[:, max(1, shape[1] // 2):, 2] = 255
+  pixels = expert.prepare(image, "k")["pixel_values"][0].numpy()
+  assert pixels.shape[0] == 3
+  if shape[1] > 1:
+    assert pixels[0, :, :8].mean() > pixels[0, :, -8:].mean()  # red on the left
+    assert pixels[2, :, -8:].mean() > pixels[2, :, :8].mean()  # blue on the right
+  labels = expert.run([expert.prepare(image, "k")], base.Batch(["k"], [image], [records.Labels()]))
+  assert labels[0].seg.shape == shape

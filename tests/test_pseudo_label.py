@@ -350,12 +350,61 @@ def test_partial_shards_are_redone_and_other_workers_files_kept(tmp_path):
   assert sorted(r["key"] for r in read_records(out)) == sorted(keys)
 
 
-def test_rerun_with_another_config_is_refused(tmp_path):
+def test_rerun_with_another_config_is_refused_naming_only_what_differs(tmp_path):
   pattern, _ = toyworld_tars(str(tmp_path), num_tars=1, per_tar=3)
   out = str(tmp_path / "out")
   job.run_worker(corpus_lib.TarCorpus(pattern), _toyworld_experts(), out, log=quiet)
-  with pytest.raises(job.JobError, match=r"plan\.json.*experts expected"):
-    job.run_worker(corpus_lib.TarCorpus(pattern), _toyworld_experts(label_scale=0.5), out, log=quiet)
+  with pytest.raises(job.JobError) as refused:
+    job.run_worker(corpus_lib.TarCorpus(pattern), _toyworld_experts(label_max_side=16), out,
+                   log=quiet)
+  message = str(refused.value)
+  assert "plan.json" in message and "experts.seg.label_resolution.max_side: expected null, found 16" in message
+  assert "experts.depth.label_resolution.max_side" in message
+  assert "relative_to_image" not in message and "corpus" not in message and len(message) < 600
+
+
+@pytest.fixture(scope="module")
+def segformer(tmp_path_factory):
+  return tiny.save_segformer(str(tmp_path_factory.mktemp("segformer") / "model"))
+
+
+def _seg_job(source, out, pattern, **expert):
+  experts = base.build_experts({"seg": dict(kind="hf_semantic", source=source, device="cpu", **expert)})
+  return job.run_worker(corpus_lib.TarCorpus(pattern), experts, out, log=quiet)
+
+
+def test_resume_refuses_another_dtype_or_processor_config(tmp_path, segformer):
+  """dtype and the processor config change labels as much as the weights: a resume must not mix."""
+  import shutil
+  pattern, _ = toyworld_tars(str(tmp_path), num_tars=2, per_tar=2)
+  out = str(tmp_path / "out")
+  model = shutil.copytree(segformer, tmp_path / "model")
+  _seg_job(str(model), out, pattern)
+  os.remove(shards.sidecar_path(os.path.join(out, shards.shard_name("train", 1, 2))))  # partial
+  with pytest.raises(job.JobError, match=r"experts\.seg\.expert\.dtype: expected \"float32\", "
+                                         r"found \"bfloat16\"\. Use a new"):
+    _seg_job(str(model), out, pattern, dtype="bfloat16")
+  config_path = model / "preprocessor_config.json"
+  original = config_path.read_text()
+  config_path.write_text(json.dumps(dict(json.loads(original), image_mean=[0.4, 0.4, 0.4])))
+  with pytest.raises(job.JobError) as refused:
+    _seg_job(str(model), out, pattern)
+  assert "experts.seg.expert.config_sha256: expected" in str(refused.value)
+  assert "weights_sha256" not in str(refused.value) and "dtype" not in str(refused.value)
+  config_path.write_text(original)  # the original config resumes
+  assert _seg_job(str(model), out, pattern)["num_records"] == 4
+  assert shards.read_manifest(out)["tasks"]["seg"]["expert"]["dtype"] == "float32"
+
+
+def test_detection_settings_belong_to_the_identity():
+  from clipzoo_jax.experts import hf_instance
+  expert = object.__new__(hf_instance.HFDetectionExpert)
+  expert.task, expert.source, expert.threshold, expert.max_detections = "det", "x", 0.3, 7
+  expert.classes = ("a",)
+  expert.model = types.SimpleNamespace(weights_sha256=lambda: "w", settings=lambda: {"dtype": "float32"})
+  entry = expert.manifest_entry()
+  assert entry["score_threshold"] == 0.3 and entry["max_detections"] == 7
+  assert entry["expert"]["dtype"] == "float32"
 
 
 def test_verify_finds_a_tampered_shard(tmp_path):
@@ -422,3 +471,118 @@ def test_progress_line_has_rate_and_eta(monkeypatch):
   progress.add(100, 2)
   progress.shard_done()  # 100 images in 10 s; 200 to go (the unknown shard counts as 100)
   assert lines == ["worker 0/1: shard 1/3 | 100 images (2 bad) | 10.0 img/s | ETA 0:00:20"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys, failing experts, reports
+
+
+def _two_img2dataset_outputs(tmp_path):
+  """Two tar folders whose keys both start at 000000000, as img2dataset writes them."""
+  for folder, seed in (("a", 0), ("b", 1)):
+    (tmp_path / folder).mkdir()
+    scenes = [toyworld.render_scene(seed, i, 32) for i in range(2)]
+    write_tar(tmp_path / folder / "00000.tar", [
+        m for i, scene in enumerate(scenes) for m in ((f"{i:09d}.jpg", records.encode_jpeg(scene.image)),
+                                                      (f"{i:09d}.txt", scene.caption.encode()))])
+  return str(tmp_path / "{a,b}" / "00000.tar")
+
+
+def test_keys_repeated_across_tars_are_refused_before_labelling(tmp_path):
+  pattern = _two_img2dataset_outputs(tmp_path)
+  out = str(tmp_path / "out")
+  with pytest.raises(corpus_lib.CorpusError, match=r"2 keys occur more than once, e\.g\. key "
+                     r"'000000000' in .*a/00000\.tar and in .*b/00000\.tar.*key_by_source=True"):
+    job.run_worker(corpus_lib.TarCorpus(pattern), _toyworld_experts(("seg",)), out, log=quiet)
+  assert not os.path.exists(out) or not shards.shard_paths(out)
+  manifest = job.run_worker(corpus_lib.TarCorpus(pattern, key_by_source=True), {}, out, log=quiet)
+  assert manifest["num_records"] == 4 and job.verify_job(out) == []
+  assert sorted(r["key"] for r in read_records(out)) == ["a/00000/000000000", "a/00000/000000001",
+                                                         "b/00000/000000000", "b/00000/000000001"]
+
+
+class _FailingExpert(base.Expert):
+  """Labels like the toy-world expert, but its forward pass raises on one key."""
+  task, kind, source = "seg", "failing", "test"
+
+  def __init__(self, bad_key):
+    self.bad_key, self.inner = bad_key, base.build_expert("seg", {"kind": "toyworld"})
+    self.classes = self.inner.classes
+
+  def run(self, prepared, batch):
+    if self.bad_key in batch.keys:
+      raise RuntimeError("CUDA error: device-side assert triggered")
+    return self.inner.run(prepared, batch)
+
+
+def test_an_expert_failing_names_expert_shard_and_keys_or_its_records_are_skipped(tmp_path):
+  pattern, keys = toyworld_tars(str(tmp_path), num_tars=2, per_tar=4)
+  bad = keys[5]
+  out = str(tmp_path / "stop")
+  with pytest.raises(job.ExpertRunError) as stopped:
+    job.run_worker(corpus_lib.TarCorpus(pattern), {"seg": _FailingExpert(bad)}, out,
+                   job.JobOptions(batch_size=4), log=quiet)
+  message = str(stopped.value)
+  for part in ("expert seg (failing from 'test')", "train-00001-of-00002", repr(bad),
+               "RuntimeError: CUDA error", "on_expert_error=skip"):
+    assert part in message
+  out = str(tmp_path / "skip")
+  manifest = job.run_worker(corpus_lib.TarCorpus(pattern), {"seg": _FailingExpert(bad)}, out,
+                            job.JobOptions(batch_size=4, on_expert_error="skip"), log=quiet)
+  assert manifest["counts"] == {"read": 8, "written": 7, "bad": 1} and job.verify_job(out) == []
+  with open(os.path.join(out, report.REPORT_NAME)) as f:
+    assert [(i["key"], i["reason"]) for i in json.load(f)["items"]] == [
+        (bad, "expert failed: seg (failing): RuntimeError: CUDA error: device-side assert triggered")]
+  with pytest.raises(job.JobError, match="on_expert_error: expected one of"):
+    job.JobOptions(on_expert_error="ignore")
+
+
+def test_identical_runs_write_identical_bad_input_reports(tmp_path):
+  scene = toyworld.render_scene(0, 0, 32)
+  jpeg = records.encode_jpeg(scene.image)
+  write_tar(tmp_path / "00000.tar", [("a.jpg", b"not an image at all"), ("a.txt", b"c"),
+                                     ("b.jpg", jpeg), ("b.txt", b"c")])
+  path = write_tar(tmp_path / "00001.tar", [(f"{i}.jpg", jpeg * 20) for i in range(4)])
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])  # truncated
+  reports = []
+  for run in ("one", "two"):
+    out = str(tmp_path / run)
+    job.run_worker(corpus_lib.TarCorpus(str(tmp_path / "{00000..00001}.tar")), {}, out, log=quiet)
+    with open(os.path.join(out, report.REPORT_NAME), "rb") as f:
+      reports.append(f.read())
+  assert reports[0] == reports[1]
+  merged = json.loads(reports[0])
+  assert set(merged["by_reason"]) == {"undecodable image", "unreadable tar", "missing caption"}
+  assert " at 0x" not in reports[0].decode()
+
+
+def test_image_an_expert_cannot_preprocess_is_reported_with_its_size():
+  class Picky(base.Expert):
+    task, kind, source = "depth", "picky", "test"
+
+    def prepare(self, image, key):
+      raise ValueError("Size must contain 'height' and 'width' keys")
+
+    def run(self, prepared, batch):
+      raise AssertionError("not reached")
+
+  item = corpus_lib.Item("k", records.encode_jpeg(np.zeros((1, 40, 3), np.uint8)), "a caption")
+  bad = job.decode_item(item, {"depth": Picky()}, 95)
+  assert bad.category == "image cannot be labelled"
+  assert "expert depth cannot preprocess a 1x40 image" in bad.reason
+
+
+def test_finished_directory_is_recognised_without_experts(tmp_path):
+  pattern, _ = toyworld_tars(str(tmp_path), num_tars=2, per_tar=2)
+  out = str(tmp_path / "out")
+  settings = {"experts": {"seg": {"kind": "toyworld"}}, "corpus": {"pattern": pattern}}
+  assert job.finished_job(out, settings) is None
+  job.run_worker(corpus_lib.TarCorpus(pattern), _toyworld_experts(("seg",)), out, log=quiet,
+                 settings=settings)
+  assert job.finished_job(out, settings)["num_records"] == 4
+  assert job.finished_job(out, dict(settings, experts={"seg": {"kind": "other"}})) is None
+  os.remove(shards.sidecar_path(os.path.join(out, shards.shard_name("train", 1, 2))))
+  assert job.finished_job(out, settings) is None

@@ -2,11 +2,14 @@
 
   python tools/pseudo_label.py --config=configs/pseudo_label/zoo.py:seg=segformer-b5 \
       --corpus='tar:/data/cc3m/{00000..00331}.tar' --output_dir=/data/cc3m_pl \
-      [--num_workers=8 --worker_index=3]
+      --num_workers=8 --worker_index=3
   python tools/pseudo_label.py --verify --output_dir=/data/cc3m_pl
 
-Rerunning the same command resumes: complete shards are skipped, partial ones redone. Worker
-defaults come from the launcher's environment (WORLD_SIZE/RANK, SLURM_NTASKS/SLURM_PROCID).
+Quote the corpus pattern: unquoted, bash expands the braces into one --corpus flag per tar, which
+this tool refuses. Rerunning the same command resumes: complete shards are skipped, partial ones
+redone; on a finished directory it stops before loading any expert. Worker defaults come from the
+launcher's environment (WORLD_SIZE/RANK, SLURM_NTASKS/SLURM_PROCID). User errors print one line;
+--debug shows their traceback.
 """
 
 import os
@@ -18,11 +21,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags
 from ml_collections import config_flags
 
+from clipzoo_jax import cli
 from clipzoo_jax.pseudo_label import config as config_lib
 from clipzoo_jax.pseudo_label import job
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/pseudo_label/*.py[:args]")
-_CORPUS = flags.DEFINE_string("corpus", None, "tar:PATTERN | csv:PATH | tsv:PATH | tfds:NAME/SPLIT")
+_CORPUS = flags.DEFINE_string("corpus", None, "tar:'PATTERN' (quoted) | csv:PATH | tsv:PATH | "
+                              "tfds:NAME/SPLIT")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "directory of the shards and manifest",
                                   required=True)
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "workers sharing the job")
@@ -33,7 +38,11 @@ _VERIFY = flags.DEFINE_bool("verify", False, "check a finished directory against
 def _from_env(names, default: int) -> int:
   for name in names:
     if os.environ.get(name):
-      return int(os.environ[name])
+      try:
+        return int(os.environ[name])
+      except ValueError:
+        raise cli.UserError(f"environment variable {name}: expected an integer, "
+                            f"found {os.environ[name]!r}") from None
   return default
 
 
@@ -46,7 +55,7 @@ def verify(output_dir: str) -> int:
 
 
 def main(argv) -> int:
-  del argv
+  del argv  # cli.run refuses positional arguments
   if _VERIFY.value:
     return verify(_OUTPUT_DIR.value)
   if _CONFIG.value is None:
@@ -57,13 +66,19 @@ def main(argv) -> int:
     worker_index = _from_env(("RANK", "SLURM_PROCID"), 0)
   config = _CONFIG.value
   corpus = config_lib.make_corpus(config, _CORPUS.value)
+  settings = config_lib.job_settings(config, corpus)
+  manifest = job.finished_job(_OUTPUT_DIR.value, settings)
+  if manifest is not None:
+    print(f"{_OUTPUT_DIR.value}: already complete ({manifest['num_records']} records in "
+          f"{len(manifest['shards'])} shards) from this config; nothing to do (--verify checks it)")
+    return 0
   experts = config_lib.make_experts(config)
   job.run_worker(corpus, experts, _OUTPUT_DIR.value, config_lib.job_options(config),
                  num_workers=num_workers, worker_index=worker_index,
                  command=shlex.join([os.path.basename(sys.executable)] + sys.argv),
-                 log=lambda line: print(line, flush=True))
+                 log=lambda line: print(line, flush=True), settings=settings)
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

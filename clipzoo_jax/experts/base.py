@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from clipzoo_jax import cli
 from clipzoo_jax.data import records
 from clipzoo_jax.experts import resize
 
@@ -33,7 +34,7 @@ _KIND_MODULES = {
 _REGISTRY: dict[str, Callable[..., "Expert"]] = {}
 
 
-class ExpertError(ValueError):
+class ExpertError(cli.UserError):
   """An expert config or model is unusable; the message names the config field or the source."""
 
 

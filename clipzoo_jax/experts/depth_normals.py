@@ -99,6 +99,8 @@ class DepthNormalsExpert(base.Expert):
   def manifest_entry(self) -> dict:
     entry = super().manifest_entry()
     entry["fov_degrees"] = self.fov_degrees
-    entry["depth_expert"] = self.depth_expert.manifest_entry()["expert"]
+    depth_entry = self.depth_expert.manifest_entry()
+    entry["depth_expert"] = depth_entry["expert"]
+    entry["depth_label_resolution"] = depth_entry["label_resolution"]
     entry["from_depth_kind"] = self.depth_expert.depth_kind
     return entry

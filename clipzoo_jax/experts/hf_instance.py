@@ -60,6 +60,7 @@ class _ThresholdedExpert(HFExpert):
   def manifest_entry(self) -> dict:
     entry = super().manifest_entry()
     entry["score_threshold"] = self.threshold
+    entry["max_detections"] = self.max_detections
     return entry
 
 

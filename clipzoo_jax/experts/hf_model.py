@@ -19,6 +19,8 @@ from clipzoo_jax.experts.base import ExpertError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".msgpack", ".h5")
 DTYPES = ("float32", "bfloat16", "float16")
+# Model config, processor config and tokenizer files: they change labels as much as the weights.
+CONFIG_SUFFIXES = (".json", ".txt", ".model")
 
 
 def files_sha256(paths: Sequence[str]) -> str:
@@ -46,6 +48,14 @@ def folder_weights_sha256(source: str) -> str:
   if not paths:
     raise ExpertError(f"expert source {source!r}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) "
                       f"in {folder}")
+  return files_sha256(paths)
+
+
+def folder_config_sha256(source: str) -> str:
+  """Checksum of the folder's config files (config.json, preprocessor_config.json, tokenizer...)."""
+  folder = local_folder(source)
+  paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+           if n.endswith(CONFIG_SUFFIXES) and os.path.isfile(os.path.join(folder, n))]
   return files_sha256(paths)
 
 
@@ -99,11 +109,15 @@ class HFModel:
       raise ExpertError(f"expert source {source!r}: cannot load model/processor: {e}") from e
     self.config = self.model.config
     self.call_kwargs = dict(call_kwargs or {})
+    self.processor_kwargs = dict(processor_kwargs or {})
     self._torch = torch
     self._weights_sha256 = None
 
   def preprocess(self, image: np.ndarray) -> dict:
-    features = self.processor(images=[image], return_tensors="pt", **self.call_kwargs)
+    # Decoded images are always (H, W, 3): saying so stops the processor from guessing, which
+    # reads a 3xW or 1xW image as channels-first (a wrong picture, or "mean must have 1 elements").
+    features = self.processor(images=[image], return_tensors="pt",
+                              input_data_format="channels_last", **self.call_kwargs)
     return {name: value for name, value in features.items() if hasattr(value, "shape")}
 
   def forward(self, prepared: Sequence[Mapping]) -> Iterator[tuple[list[int], Any]]:
@@ -131,6 +145,11 @@ class HFModel:
       self._weights_sha256 = folder_weights_sha256(self.source)
     return self._weights_sha256
 
+  def settings(self) -> dict:
+    """What besides the weights changes this model's labels (the device does not, by design)."""
+    return {"dtype": self.dtype, "config_sha256": folder_config_sha256(self.source),
+            "processor_kwargs": self.processor_kwargs, "call_kwargs": self.call_kwargs}
+
 
 class HFExpert(base.Expert):
   """An expert backed by one Hugging Face model (`self.model`, an HFModel): per-image preprocessing
@@ -142,3 +161,8 @@ class HFExpert(base.Expert):
 
   def weights_sha256(self) -> str:
     return self.model.weights_sha256()
+
+  def manifest_entry(self) -> dict:
+    entry = super().manifest_entry()
+    entry["expert"].update(self.model.settings())
+    return entry

@@ -109,4 +109,7 @@ class OnnxNormalsExpert(base.Expert):
   def manifest_entry(self) -> dict:
     entry = super().manifest_entry()
     entry["axis_signs"] = self.axis_signs.tolist()
+    entry["preprocessing"] = {"input_size": self.input_size, "size_multiple": self.size_multiple,
+                              "mean": list(self.mean), "std": list(self.std)}
+    entry["output"] = {"index": self.output_index, "layout": self.output_layout}
     return entry

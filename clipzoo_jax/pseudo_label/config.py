@@ -12,6 +12,33 @@ from clipzoo_jax.pseudo_label import corpus as corpus_lib
 from clipzoo_jax.pseudo_label import job
 
 
+# Every reader option of every corpus kind, with its default ("" and 0 mean the reader's default),
+# so that each can be set from the command line: --config.corpus.image_column=filepath.
+CORPUS_DEFAULTS = {
+    "kind": "tar", "records_per_shard": 0,
+    "pattern": "", "key_by_source": False,                                    # tar
+    "path": "", "image_column": "image", "caption_column": "caption",          # csv, tsv
+    "key_column": "", "delimiter": "", "has_header": True,
+    "name": "", "split": "train", "data_dir": "", "image_key": "image",        # tfds
+    "caption_key": "caption",
+}
+
+
+def corpus_config(**values) -> dict:
+  """`config.corpus` with every field present: CORPUS_DEFAULTS updated by `values`."""
+  unknown = sorted(set(values) - set(CORPUS_DEFAULTS))
+  if unknown:
+    raise corpus_lib.CorpusError(f"config.corpus: unknown fields {unknown}; expected some of "
+                                 f"{sorted(CORPUS_DEFAULTS)}")
+  return dict(CORPUS_DEFAULTS, **values)
+
+
+def job_config(**values) -> dict:
+  """`config.job` with every JobOptions field present, so each can be set from the command line."""
+  fields = {name: field.default for name, field in job.JobOptions.__dataclass_fields__.items()}
+  return dict(fields, **values)
+
+
 def job_options(config: ml_collections.ConfigDict) -> job.JobOptions:
   options = _plain(config.get("job", {}))
   fields = set(job.JobOptions.__dataclass_fields__)
@@ -31,18 +58,22 @@ def make_experts(config: ml_collections.ConfigDict) -> dict[str, base.Expert]:
 def make_corpus(config: ml_collections.ConfigDict, spec: str | None = None) -> corpus_lib.Corpus:
   """The corpus of `config.corpus`, with a `--corpus` shorthand (kind and location) applied on top."""
   corpus = _plain(config.get("corpus", {}))
-  if spec:
-    parsed = corpus_lib.parse_spec(spec)
-    family = lambda kind: "csv" if kind == "tsv" else kind
-    if family(parsed["kind"]) != family(corpus.get("kind")):  # another kind's options do not apply
-      corpus = {}
-    corpus.update(parsed)
+  if spec:  # kind and location; the config's other fields (e.g. image_column) still apply
+    corpus.update(corpus_lib.parse_spec(spec))
   location = {"tar": "pattern", "csv": "path", "tsv": "path", "tfds": "name"}.get(corpus.get("kind"))
   if not location or not corpus.get(location):
     raise corpus_lib.CorpusError(
-        f"no corpus given (config.corpus: {corpus}): pass --corpus=tar:'PATTERN'|csv:PATH|"
-        "tsv:PATH|tfds:NAME/SPLIT (quote brace patterns from the shell) or set config.corpus")
+        f"no corpus given (config.corpus.kind {corpus.get('kind')!r}, {location or 'location'} "
+        "empty): pass --corpus='tar:PATTERN', csv:PATH, tsv:PATH or tfds:NAME/SPLIT (quote brace "
+        "patterns, or the shell expands them) or set config.corpus")
   return corpus_lib.make_corpus(corpus)
+
+
+def job_settings(config: ml_collections.ConfigDict, corpus: corpus_lib.Corpus) -> dict:
+  """The config a job's labels come from, kept in its plan so a rerun on a finished directory
+  can stop before it loads (and hashes) any expert."""
+  return {"experts": _plain(config.experts), "corpus": corpus.describe(),
+          "split": job_options(config).split}
 
 
 def _plain(value: Any) -> Any:

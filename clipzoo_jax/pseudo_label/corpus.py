@@ -12,6 +12,7 @@ import abc
 import csv
 import dataclasses
 import glob
+import inspect
 import json
 import os
 import posixpath
@@ -19,11 +20,14 @@ import re
 import tarfile
 from typing import Iterator, Mapping, Sequence
 
+from clipzoo_jax import cli
+from clipzoo_jax.pseudo_label import report
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt",)
 
 
-class CorpusError(ValueError):
+class CorpusError(cli.UserError):
   """The corpus config does not match the data; the message names the file, field and values."""
 
 
@@ -53,6 +57,22 @@ class Slice:
   @classmethod
   def from_json(cls, obj: Mapping) -> "Slice":
     return cls(**obj)
+
+
+def check_unique_keys(keys: Sequence[tuple[str, str]], where: str, hint: str) -> None:
+  """Raises CorpusError when a key occurs twice in (source, key) pairs: records are identified by
+  key (resume, --verify, training), so a repeat would otherwise fail only after the whole job."""
+  first: dict[str, str] = {}
+  repeats = []
+  for source, key in keys:
+    if key in first:
+      repeats.append((key, first[key], source))
+    else:
+      first[key] = source
+  if repeats:
+    key, a, b = repeats[0]
+    raise CorpusError(f"{where}: {len(repeats)} keys occur more than once, e.g. key {key!r} in "
+                      f"{a} and in {b}; keys must be unique. {hint}")
 
 
 def ranges(total: int, records_per_shard: int) -> list[tuple[int, int]]:
@@ -166,28 +186,51 @@ def _tar_item(tar: tarfile.TarFile, key: str, group: dict) -> Item:
 class TarCorpus(Corpus):
   """webdataset / img2dataset shards: members `<key>.jpg` + `<key>.txt` [+ `<key>.json`].
 
-  One slice per tar, or with `records_per_shard` the tars are scanned (headers only) and split
-  into slices of that many pairs, so a few huge tars still spread over many workers.
+  Planning scans the tars (headers only) once per job, to refuse keys that repeat across tars
+  (two img2dataset outputs both start at 000000000) before anything is labelled;
+  `key_by_source=True` names keys `<tar path>/<key>` (relative to the tars' common folder) so
+  such corpora combine. One slice per tar, or with `records_per_shard` slices of that many pairs,
+  so a few huge tars still spread over many workers.
   """
 
-  def __init__(self, pattern: str, records_per_shard: int | None = None):
+  def __init__(self, pattern: str, records_per_shard: int | None = None,
+               key_by_source: bool = False):
     self.pattern, self.records_per_shard = pattern, records_per_shard
+    self.key_by_source = bool(key_by_source)
     self.paths = tar_paths(pattern)
+    common = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in self.paths])
+    self._prefix = {p: os.path.splitext(os.path.relpath(os.path.abspath(p), common))[0] + "/"
+                    for p in self.paths} if self.key_by_source else {}
 
   def describe(self) -> dict:
     return {"kind": "tar", "pattern": self.pattern, "num_files": len(self.paths),
-            "records_per_shard": self.records_per_shard}
+            "records_per_shard": self.records_per_shard, "key_by_source": self.key_by_source}
 
   def plan(self) -> list[Slice]:
+    keys = {path: self.keys(path) for path in self.paths}
+    check_unique_keys([(path, key) for path in self.paths for key in keys[path]],
+                      f"corpus pattern {self.pattern!r}",
+                      "Set --config.corpus.key_by_source=True to name keys <tar>/<key> (e.g. for "
+                      "two img2dataset outputs that both start at 000000000), or deduplicate.")
     if self.records_per_shard is None:
       return [Slice(path) for path in self.paths]
     return [Slice(path, start, stop) for path in self.paths
-            for start, stop in ranges(self.count(path), self.records_per_shard)]
+            for start, stop in ranges(len(keys[path]), self.records_per_shard)]
 
-  @staticmethod
-  def count(path: str) -> int:
-    with tarfile.open(path, "r:*") as tar:
-      return sum(1 for _ in _member_groups(tar))
+  def keys(self, path: str) -> list[str]:
+    """The keys of one tar in order; of a truncated tar, those before the damage (`read` reports
+    the rest as one problem item)."""
+    keys = []
+    try:
+      with tarfile.open(path, "r:*") as tar:
+        for key, _ in _member_groups(tar):
+          keys.append(self._prefix.get(path, "") + key)
+    except (tarfile.TarError, OSError, EOFError):
+      pass
+    return keys
+
+  def count(self, path: str) -> int:
+    return len(self.keys(path))
 
   def read(self, part: Slice) -> Iterator[Item]:
     start, stop = part.start or 0, part.stop
@@ -198,12 +241,12 @@ class TarCorpus(Corpus):
           if stop is not None and index >= stop:
             return
           if index >= start:
-            last_key = key
-            yield _tar_item(tar, key, group)
+            last_key = self._prefix.get(part.source, "") + key
+            yield _tar_item(tar, last_key, group)
     except (tarfile.TarError, OSError, EOFError) as e:
       # A truncated or corrupt tar: its remaining keys are unknown, so report the file itself.
       yield Item(f"{part.source}#after:{last_key}", None, None,
-                 f"unreadable tar after key {last_key!r}: {type(e).__name__}: {e}")
+                 f"unreadable tar: {part.source} after key {last_key!r}: {report.describe(e)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +294,8 @@ class CsvCorpus(Corpus):
       yield key, cell("image_column"), cell("caption_column")
 
   def _column_index(self, header: Sequence[str], column: str | int) -> int:
+    if isinstance(column, str) and column.isdigit() and not self.has_header:
+      column = int(column)  # from the command line, where every column is a string
     if isinstance(column, int):
       return column
     if column not in header:
@@ -259,7 +304,11 @@ class CsvCorpus(Corpus):
     return list(header).index(column)
 
   def plan(self) -> list[Slice]:
-    return [Slice(self.path, start, stop) for start, stop in ranges(len(self.rows()),
+    rows = self.rows()
+    check_unique_keys([(f"row {i + 1}", key) for i, (key, _, _) in enumerate(rows)],
+                      f"corpus csv {self.path!r} (key_column {self.columns['key_column']!r})",
+                      "Fix that column, or leave config.corpus.key_column empty for row-number keys.")
+    return [Slice(self.path, start, stop) for start, stop in ranges(len(rows),
                                                                    self.records_per_shard)]
 
   def read(self, part: Slice) -> Iterator[Item]:
@@ -346,18 +395,28 @@ class TfdsCorpus(Corpus):
 _KINDS = {"tar": TarCorpus, "csv": CsvCorpus, "tfds": TfdsCorpus}
 
 
+def reader_options(kind: str) -> tuple[str, ...]:
+  """The config fields a reader kind takes (its constructor's arguments)."""
+  return tuple(inspect.signature(_KINDS[kind]).parameters)
+
+
 def make_corpus(config: Mapping) -> Corpus:
-  """A corpus from a config: `kind` (tar, csv, tsv, tfds) plus that reader's arguments."""
-  config = {k: v for k, v in dict(config).items() if v is not None}
+  """A corpus from a config: `kind` (tar, csv, tsv, tfds) plus reader arguments. A config may hold
+  the options of every kind (so each can be set from the command line); only those of `kind`
+  apply, and None, "" and a 0 records_per_shard mean the reader's default."""
+  config = {k: v for k, v in dict(config).items() if v is not None and v != ""}
+  if not config.get("records_per_shard", 1):
+    config.pop("records_per_shard")
   kind = config.pop("kind", None)
   if kind == "tsv":
     kind, config["delimiter"] = "csv", config.get("delimiter", "\t")
   if kind not in _KINDS:
     raise CorpusError(f"corpus.kind: expected one of {sorted(_KINDS) + ['tsv']}, found {kind!r}")
-  try:
-    return _KINDS[kind](**config)
-  except TypeError as e:
-    raise CorpusError(f"corpus (kind {kind!r}): {e}") from e
+  known = {name for other in _KINDS for name in reader_options(other)}
+  unknown = sorted(set(config) - known)
+  if unknown:
+    raise CorpusError(f"corpus: unknown fields {unknown}; expected some of {sorted(known)}")
+  return _KINDS[kind](**{k: v for k, v in config.items() if k in reader_options(kind)})
 
 
 def parse_spec(spec: str) -> dict:

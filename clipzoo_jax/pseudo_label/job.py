@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from clipzoo_jax import atomic_files
+from clipzoo_jax import atomic_files, cli
 from clipzoo_jax import tasks as task_lib
 from clipzoo_jax.data import records, shards
 from clipzoo_jax.experts import base
@@ -32,10 +32,28 @@ from clipzoo_jax.pseudo_label import corpus as corpus_lib
 from clipzoo_jax.pseudo_label import report
 
 PLAN_NAME = "plan.json"
+ON_EXPERT_ERROR = ("stop", "skip")
 
 
-class JobError(ValueError):
+class JobError(cli.UserError):
   """The output directory belongs to a different job; the message names the field and values."""
+
+
+class ExpertRunError(JobError):
+  """An expert failed on a batch; the message names the expert, the shard and the records' keys."""
+
+  def __init__(self, task: str, expert: base.Expert, keys: Sequence[str], cause: Exception,
+               shard: str | None = None):
+    self.task, self.expert, self.keys, self.cause = task, expert, list(keys), cause
+    where = f" in shard {shard}" if shard else ""
+    shown = ", ".join(repr(k) for k in self.keys[:3]) + (", ..." if len(self.keys) > 3 else "")
+    super().__init__(
+        f"expert {task} ({expert.kind} from {expert.source!r}) failed on {len(self.keys)} "
+        f"records{where} (keys {shown}): {report.describe(cause)}. To list the records it fails on "
+        "in bad_inputs.json and go on, set --config.job.on_expert_error=skip")
+
+  def in_shard(self, shard: str) -> "ExpertRunError":
+    return ExpertRunError(self.task, self.expert, self.keys, self.cause, shard)
 
 
 @dataclasses.dataclass
@@ -46,6 +64,14 @@ class JobOptions:
   split: str = "train"           # shard file prefix
   jpeg_quality: int = 95         # only for sources that are not JPEG already
   progress_every_s: float = 10.0
+  # An expert raising in its forward pass: "stop" the job naming expert, shard and keys, or "skip":
+  # label the batch's records one by one and list those it still fails on as bad inputs.
+  on_expert_error: str = "stop"
+
+  def __post_init__(self):
+    if self.on_expert_error not in ON_EXPERT_ERROR:
+      raise JobError(f"config.job.on_expert_error: expected one of {list(ON_EXPERT_ERROR)}, "
+                     f"found {self.on_expert_error!r}")
 
 
 @dataclasses.dataclass
@@ -62,25 +88,47 @@ class Decoded:
 
 
 def job_identity(corpus: corpus_lib.Corpus, experts: Mapping[str, base.Expert], split: str) -> dict:
+  """Everything that decides the records: corpus, split, and each expert's manifest entry (weights
+  and config-file checksums, dtype, thresholds, label resolution, ...). Not the device."""
   return {"corpus": corpus.describe(), "split": split,
           "experts": {task: expert.manifest_entry() for task, expert in experts.items()}}
 
 
+def differences(expected: Any, found: Any, path: str = "") -> list[str]:
+  """'path: expected X, found Y' for each leaf where two JSON values differ."""
+  if isinstance(expected, dict) and isinstance(found, dict):
+    lines = []
+    for name in list(expected) + [n for n in found if n not in expected]:
+      where = f"{path}.{name}" if path else str(name)
+      if name not in found:
+        lines.append(f"{where}: expected {json.dumps(expected[name])}, found nothing")
+      elif name not in expected:
+        lines.append(f"{where}: expected nothing, found {json.dumps(found[name])}")
+      else:
+        lines += differences(expected[name], found[name], where)
+    return lines
+  if expected == found:
+    return []
+  return [f"{path}: expected {json.dumps(expected)}, found {json.dumps(found)}"]
+
+
 def load_or_write_plan(output_dir: str, corpus: corpus_lib.Corpus,
-                       experts: Mapping[str, base.Expert], split: str) -> dict:
+                       experts: Mapping[str, base.Expert], split: str,
+                       settings: Mapping | None = None) -> dict:
   """The directory's plan; written on first use, and on reruns checked against this job."""
   path = os.path.join(output_dir, PLAN_NAME)
   identity = json.loads(json.dumps(job_identity(corpus, experts, split)))
   if os.path.exists(path):
     with open(path) as f:
       plan = json.load(f)
-    for field, found in identity.items():
-      if plan.get(field) != found:
-        raise JobError(f"{path}: this directory was made by a different job; {field} expected "
-                       f"{json.dumps(plan.get(field))}, found {json.dumps(found)}. Use a new "
-                       "output directory or the original config.")
+    changed = differences({field: plan.get(field) for field in identity}, identity)
+    if changed:
+      raise JobError(f"{path}: this directory was made by a different job, and resuming would mix "
+                     "labels; " + "; ".join(changed) + ". Use a new output directory or the "
+                     "original config, models and settings.")
     return plan
-  plan = dict(identity, slices=[part.to_json() for part in corpus.plan()])
+  plan = dict(identity, slices=[part.to_json() for part in corpus.plan()],
+              settings=json.loads(json.dumps(settings)))
   os.makedirs(output_dir, exist_ok=True)
   atomic_files.write_json(path, plan, indent=1)
   return plan
@@ -108,7 +156,7 @@ def decode_item(item: corpus_lib.Item, experts: Mapping[str, base.Expert],
     source = Image.open(io.BytesIO(item.image))
     image = np.asarray(source.convert("RGB"))
   except Exception as e:  # PIL raises many types for corrupt files
-    return report.BadInput(item.key, f"undecodable image: {type(e).__name__}: {e}")
+    return report.BadInput(item.key, f"undecodable image: {report.describe(e)}")
   # Keep the source JPEG byte-exact; re-encode other formats (and CMYK JPEGs) for the loader.
   keep = source.format == "JPEG" and source.mode in ("RGB", "L")
   jpeg = item.image if keep else records.encode_jpeg(image, jpeg_quality)
@@ -116,8 +164,10 @@ def decode_item(item: corpus_lib.Item, experts: Mapping[str, base.Expert],
   for task, expert in experts.items():
     try:
       prepared[task] = expert.prepare(image, item.key)
-    except Exception as e:  # e.g. an image too small for the model's preprocessing
-      return report.BadInput(item.key, f"expert {task} cannot preprocess: {type(e).__name__}: {e}")
+    except Exception as e:  # e.g. an image too thin for a processor that keeps the aspect ratio
+      height, width = image.shape[:2]
+      return report.BadInput(item.key, f"image cannot be labelled: expert {task} cannot preprocess "
+                                       f"a {height}x{width} image: {report.describe(e)}")
   return Decoded(item.key, jpeg, item.caption, image, prepared)
 
 
@@ -187,7 +237,10 @@ def label_batch(experts: Mapping[str, base.Expert], decoded: Sequence[Decoded]) 
   batch = base.Batch([d.key for d in decoded], [d.image for d in decoded],
                      [records.Labels() for _ in decoded])
   for task, expert in experts.items():
-    produced = expert.run([d.prepared[task] for d in decoded], batch)
+    try:
+      produced = expert.run([d.prepared[task] for d in decoded], batch)
+    except Exception as e:  # noqa: BLE001  (any failure of third-party model code)
+      raise ExpertRunError(task, expert, batch.keys, e) from e
     for merged, labels in zip(batch.labels, produced):
       _merge(merged, labels, task)
   return batch.labels
@@ -233,7 +286,7 @@ def label_shard(path: str, part: corpus_lib.Slice, corpus: corpus_lib.Corpus,
         good = _sort_out(decoded, seen, shard_report)
         if good:
           compute = time.perf_counter()
-          labels = label_batch(experts, good)
+          good, labels = _label_or_skip(experts, good, options.on_expert_error, shard_report)
           shard_report.seconds["experts"] += time.perf_counter() - compute
           pending.append(pools.write.submit(_write_records, writer, good, labels,
                                             num_seg_classes(experts)))
@@ -255,6 +308,26 @@ def label_shard(path: str, part: corpus_lib.Slice, corpus: corpus_lib.Corpus,
   return shard_report.to_json()
 
 
+def _label_or_skip(experts: Mapping[str, base.Expert], good: list[Decoded], on_error: str,
+                   shard_report: report.ShardReport) -> tuple[list[Decoded], list[records.Labels]]:
+  """Labels of a batch; on an expert's failure either stop (naming the shard) or, with "skip",
+  label each record alone and move those that still fail into the report."""
+  try:
+    return good, label_batch(experts, good)
+  except ExpertRunError as e:
+    if on_error == "stop":
+      raise e.in_shard(shard_report.shard) from e.cause
+  kept, labels = [], []
+  for item in good:
+    try:
+      labels += label_batch(experts, [item])
+      kept.append(item)
+    except ExpertRunError as e:
+      shard_report.bad.append(report.BadInput(
+          item.key, f"expert failed: {e.task} ({e.expert.kind}): {report.describe(e.cause)}"))
+  return kept, labels
+
+
 def _sort_out(decoded: Sequence, seen: set[str], shard_report: report.ShardReport) -> list[Decoded]:
   """Counts a batch, moves bad inputs and repeated keys into the report, returns the good ones."""
   good = []
@@ -272,15 +345,17 @@ def _sort_out(decoded: Sequence, seen: set[str], shard_report: report.ShardRepor
 
 def run_worker(corpus: corpus_lib.Corpus, experts: Mapping[str, base.Expert], output_dir: str,
                options: JobOptions = JobOptions(), num_workers: int = 1, worker_index: int = 0,
-               command: str = "", log: Callable[[str], None] = print) -> dict | None:
+               command: str = "", log: Callable[[str], None] = print,
+               settings: Mapping | None = None) -> dict | None:
   """Labels this worker's incomplete shards; writes the manifest if every shard is then complete.
 
   Returns the manifest when this call wrote it, else None (other workers still running).
+  `settings` (the config the experts were built from) is kept in the plan for `finished_job`.
   """
   if not 0 <= worker_index < num_workers:
     raise JobError(f"worker_index must be in [0, {num_workers}), found {worker_index}")
   import tensorflow  # noqa: F401  (imported now, so the first shard's img/s does not include it)
-  plan = load_or_write_plan(output_dir, corpus, experts, options.split)
+  plan = load_or_write_plan(output_dir, corpus, experts, options.split, settings)
   names = shard_names(plan)
   mine = [i for i in range(len(names)) if i % num_workers == worker_index]
   removed = shards.remove_partial(output_dir, names=[names[i] for i in mine])
@@ -319,6 +394,22 @@ def finalize(output_dir: str, plan: Mapping, command: str,
   log(f"manifest written: {manifest['num_records']} records in {len(names)} shards, "
       f"{merged['count']} bad inputs listed in {report.REPORT_NAME}")
   return manifest
+
+
+def finished_job(output_dir: str, settings: Mapping) -> dict | None:
+  """The manifest of `output_dir` when it is complete and was made from the same `settings`
+  (expert and corpus config), so a rerun can stop before loading and hashing any expert; else None
+  (the caller then builds the experts, and `load_or_write_plan` checks the full identity)."""
+  plan_path = os.path.join(output_dir, PLAN_NAME)
+  if not os.path.exists(os.path.join(output_dir, shards.MANIFEST_NAME)) or not os.path.exists(plan_path):
+    return None
+  with open(plan_path) as f:
+    plan = json.load(f)
+  if plan.get("settings") != json.loads(json.dumps(settings)):
+    return None
+  if not all(shards.is_complete(os.path.join(output_dir, name)) for name in shard_names(plan)):
+    return None
+  return shards.read_manifest(output_dir)
 
 
 def verify_job(output_dir: str) -> list[str]:

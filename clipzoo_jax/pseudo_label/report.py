@@ -10,12 +10,21 @@ import collections
 import dataclasses
 import json
 import os
+import re
 import time
 from typing import Callable, Mapping, Sequence
 
 from clipzoo_jax import atomic_files, progress
 
 REPORT_NAME = "bad_inputs.json"
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def describe(error: BaseException) -> str:
+  """'Type: message' without memory addresses ('<_io.BytesIO object at 0x7f...>'), so identical
+  runs write identical reports."""
+  message = _ADDRESS.sub("", str(error)).strip()
+  return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 @dataclasses.dataclass
@@ -25,7 +34,8 @@ class BadInput:
 
   @property
   def category(self) -> str:
-    """The reason without its details, e.g. 'undecodable image'."""
+    """The reason without its details (the text before the first colon), e.g. 'undecodable
+    image'; reasons put keys, paths and sizes after that colon."""
     return self.reason.split(":", 1)[0]
 
 

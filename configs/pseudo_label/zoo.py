@@ -6,14 +6,21 @@ hub ids (the Hugging Face cache) or, with `models_dir`, from `<models_dir>/<hub 
       --config=configs/pseudo_label/zoo.py:depth=dpt-large,seg=segformer-b5,det=rtdetr-r50,dtype=bfloat16 \
       --corpus='tar:/data/cc3m/{00000..00331}.tar' --output_dir=/data/cc3m_pl
 Normals: `from-depth` (geometric, from this job's depth expert) or `onnx` with `normals_onnx=PATH`
-(set its preprocessing with --config.experts.normals.input_size=... etc.).
+(set its preprocessing with --config.experts.normals.input_size='(384,512)' etc.).
+Every field of the config can be set from the command line, e.g.
+--config.experts.seg.label_max_side=1024 (caps label memory on huge images),
+--config.corpus.image_column=filepath --config.corpus.caption_column=title (open_clip TSVs),
+--config.job.on_expert_error=skip.
 """
 
 import os
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from clipzoo_jax.config_args import parse_arg
+from clipzoo_jax.experts import base, onnx_normals
+from clipzoo_jax.pseudo_label import config as config_lib
 
 # short name -> (expert kind, hub id)
 DEPTH = {
@@ -37,20 +44,24 @@ DET = {
 
 def _pick(table, task, name, arg):
   if name not in table:
-    raise ValueError(f"zoo config arg {task}={name!r}: expected one of {sorted(table)} or empty")
+    raise base.ExpertError(f"zoo config arg {task}={name!r}: expected one of {sorted(table)} "
+                           "or empty")
   kind, hub_id = table[name]
   source = os.path.join(arg.models_dir, hub_id) if arg.models_dir else hub_id
   expert = {"kind": kind, "source": source, "device": arg.device, "dtype": arg.dtype}
   if task in ("seg", "depth"):
-    expert.update(label_scale=arg.label_scale)
+    expert.update(label_scale=arg.label_scale, label_max_side=placeholder(int))
+  if task == "depth":
+    expert.update(depth_kind=placeholder(str))  # default: from the model's config
   if task == "det":
-    expert.update(threshold=arg.det_threshold)
+    expert.update(threshold=arg.det_threshold, max_detections=100)
   return expert
 
 
 def _normals(arg, experts):
   if arg.normals == "from-depth":
-    expert = {"kind": "depth_normals", "fov_degrees": arg.fov_degrees, "label_scale": arg.label_scale}
+    expert = {"kind": "depth_normals", "fov_degrees": arg.fov_degrees,
+              "label_scale": arg.label_scale, "label_max_side": placeholder(int)}
     if "depth" in experts:
       expert["from_task"] = "depth"  # reuse this job's depth: no second forward pass
     else:
@@ -58,8 +69,11 @@ def _normals(arg, experts):
     return expert
   if arg.normals == "onnx":
     return {"kind": "onnx_normals", "source": arg.normals_onnx, "device": arg.device,
-            "size_multiple": 32, "label_scale": arg.label_scale}
-  raise ValueError(f"zoo config arg normals={arg.normals!r}: expected from-depth, onnx or empty")
+            "input_size": placeholder(tuple), "size_multiple": 32,
+            "mean": onnx_normals.IMAGENET_MEAN, "std": onnx_normals.IMAGENET_STD,
+            "output_index": 0, "output_layout": "NCHW", "axis_signs": (1.0, 1.0, 1.0),
+            "label_scale": arg.label_scale, "label_max_side": placeholder(int)}
+  raise base.ExpertError(f"zoo config arg normals={arg.normals!r}: expected from-depth, onnx or empty")
 
 
 def get_config(arg=None):
@@ -75,7 +89,7 @@ def get_config(arg=None):
     experts["normals"] = _normals(arg, experts)
   config = ml_collections.ConfigDict()
   config.experts = experts
-  config.corpus = {"kind": "tar", "pattern": None, "records_per_shard": arg.records_per_shard or None}
-  config.job = {"batch_size": arg.batch_size, "decode_threads": 4, "prefetch_batches": 4,
-                "split": "train", "jpeg_quality": 95, "progress_every_s": 30.0}
+  config.corpus = config_lib.corpus_config(records_per_shard=arg.records_per_shard)
+  config.job = config_lib.job_config(batch_size=arg.batch_size, decode_threads=4,
+                                     progress_every_s=30.0)
   return config
