@@ -13,6 +13,7 @@ from clipzoo_jax.convert import hf
 from clipzoo_jax.convert import open_clip
 from clipzoo_jax.convert import openai
 from clipzoo_jax.convert import tensor_files
+from clipzoo_jax.convert import text_pooling
 from clipzoo_jax.convert.layout import ConversionError
 
 FORMATS = ("auto", "hf", "openai", "open_clip")
@@ -28,14 +29,23 @@ def detect_format(source: str) -> str:
   return "openai" if tensor_files.is_torchscript(source) else "open_clip"
 
 
-def load_pretrained(source: str, model_config, fmt: str = "auto") -> dict:
+def load_pretrained(source: str, model_config, fmt: str = "auto",
+                    tokenizer_dir: str | None = None) -> dict:
   """Tower params {img, txt, logit_scale} as float32 NumPy in our layout (scanned per
   `model_config.scan_layers`), from an HF CLIPModel folder, an OpenAI `.pt` or an open_clip
   state dict. The source's tower shape is checked against `model_config` (one error listing every
   mismatch, missing, unexpected or misshapen tensor); position embeddings are resized to the run's
-  image size and truncated to a shorter text context."""
+  image size and truncated to a shorter text context. With `tokenizer_dir` (the run's tokenizer),
+  model.text.eos_token_id is also checked against its end-of-text id. Any unreadable or unfit
+  input raises ConversionError naming the file."""
   if fmt not in FORMATS:
-    raise ValueError(f"model_init_format: expected one of {FORMATS}, found {fmt!r}")
+    raise ConversionError(f"model_init_format: expected one of {FORMATS}, found {fmt!r}")
+  if tokenizer_dir:
+    tokenizer = text_pooling.read_tokenizer_ids(tokenizer_dir)
+    if tokenizer is None:
+      raise ConversionError(f"{tokenizer_dir}: no tokenizer.json or vocab.json")
+    text_pooling.check_eos(model_config.text.get("eos_token_id"), model_config.text.vocab_size,
+                           "model.text.eos_token_id", tokenizer)
   resolved = detect_format(source) if fmt == "auto" else fmt
   if resolved == "hf":
     return hf.load(source, model_config)
@@ -90,6 +100,8 @@ def export_pretrained(params: Mapping, model_config, out_dir: str, image_mean: S
   heads, `heads.safetensors`, `heads_config.json` and `torch_heads.py`; optionally an open_clip
   state dict. Leaves are fetched one at a time through `host`."""
   towers = {k: params[k] for k in ("img", "txt", "logit_scale")}
+  if open_clip_path:  # refuse what open_clip cannot express before writing anything
+    open_clip.model_config_json(model_config)
   hf.export(towers, model_config, out_dir, image_mean, image_std, tokenizer_dir, host)
   if model_config.heads.tasks:
     from clipzoo_jax.convert import torch_heads  # pylint: disable=import-outside-toplevel
@@ -102,7 +114,7 @@ def export_pretrained(params: Mapping, model_config, out_dir: str, image_mean: S
     torch_heads.save_heads(heads, heads_config(model_config), out_dir)
     shutil.copyfile(torch_heads.__file__, os.path.join(out_dir, "torch_heads.py"))
   if open_clip_path:
-    open_clip.export(towers, model_config, open_clip_path, host)
+    open_clip.export(towers, model_config, open_clip_path, host, image_mean, image_std)
   return sorted(os.listdir(out_dir))
 
 

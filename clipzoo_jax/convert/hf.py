@@ -12,8 +12,10 @@ from typing import Callable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from clipzoo_jax.convert import errors
 from clipzoo_jax.convert import layout
 from clipzoo_jax.convert import tensor_files
+from clipzoo_jax.convert import text_pooling
 from clipzoo_jax.models import variants
 
 # our activation name <-> HF `hidden_act` (HF "gelu" is the exact erf GELU, as ours)
@@ -36,13 +38,17 @@ def read_config(folder: str):
   path = os.path.join(folder, "config.json")
   if not os.path.isfile(path):
     raise layout.ConversionError(f"{folder}: not a Hugging Face CLIPModel folder (no config.json)")
-  with open(path) as f:
-    model_type = json.load(f).get("model_type")
-  if model_type != "clip":
+  with errors.reading(path, "JSON file"), open(path, encoding="utf-8") as f:
+    stated = json.load(f)
+  if not isinstance(stated, dict):
+    raise layout.ConversionError(f"{path}: expected a JSON object (a CLIPModel config), found "
+                                 f"{type(stated).__name__}")
+  if stated.get("model_type") != "clip":
     raise layout.ConversionError(f"{path}: model_type expected 'clip' (CLIPModel), found "
-                                 f"{model_type!r}")
+                                 f"{stated.get('model_type')!r}")
   import transformers  # pylint: disable=import-outside-toplevel
-  return transformers.CLIPConfig.from_pretrained(folder)
+  with errors.reading(path, "CLIPModel config", hint="transformers.CLIPConfig refused it"):
+    return transformers.CLIPConfig.from_pretrained(folder)
 
 
 def _square(value, where: str) -> int:
@@ -53,8 +59,28 @@ def _square(value, where: str) -> int:
   return int(value)
 
 
-def found_fields(hf_config) -> dict[str, tuple]:
-  """Dotted model-config field -> (value the HF config states, where it says it)."""
+def _unsupported(hf_config, folder: str) -> list[str]:
+  """What the folder states that our towers cannot be: each names the config.json field."""
+  problems = []
+  for section in ("vision_config", "text_config"):
+    act = getattr(hf_config, section).hidden_act
+    if act not in FROM_HF_ACTIVATION:
+      problems.append(f"{section}.hidden_act: expected one of {sorted(FROM_HF_ACTIVATION)} (the "
+                      f"activations model.image/text.activation implement), found {act!r}")
+  channels = getattr(hf_config.vision_config, "num_channels", 3)
+  if channels != 3:
+    problems.append(f"vision_config.num_channels: expected 3 (RGB), found {channels!r}")
+  return [f"{os.path.join(folder, 'config.json')} {p}" for p in problems]
+
+
+def found_fields(hf_config, folder: str = "") -> dict[str, tuple]:
+  """Dotted model-config field -> (value the HF config states, where it says it). Refuses what our
+  towers cannot be (activation, channels) and an end-of-text id that cannot work with the
+  vocabulary or with the folder's tokenizer (when it has one)."""
+  problems = _unsupported(hf_config, folder)
+  if problems:
+    raise layout.ConversionError("cannot import this Hugging Face CLIPModel:\n  " +
+                                 "\n  ".join(problems))
   vision, text = hf_config.vision_config, hf_config.text_config
   found = {"embed_dim": (hf_config.projection_dim, "config.json projection_dim")}
   for ours, section, cfg in (("image", "vision_config", vision), ("text", "text_config", text)):
@@ -63,8 +89,7 @@ def found_fields(hf_config) -> dict[str, tuple]:
     found[f"{ours}.depth"] = (cfg.num_hidden_layers, where("num_hidden_layers"))
     found[f"{ours}.num_heads"] = (cfg.num_attention_heads, where("num_attention_heads"))
     found[f"{ours}.mlp_dim"] = (cfg.intermediate_size, where("intermediate_size"))
-    found[f"{ours}.activation"] = (FROM_HF_ACTIVATION.get(cfg.hidden_act, cfg.hidden_act),
-                                   where("hidden_act"))
+    found[f"{ours}.activation"] = (FROM_HF_ACTIVATION[cfg.hidden_act], where("hidden_act"))
     found[f"{ours}.layer_norm_eps"] = (float(cfg.layer_norm_eps), where("layer_norm_eps"))
   found["image.patch_size"] = (_square(vision.patch_size, "vision_config.patch_size"),
                                "config.json vision_config.patch_size")
@@ -77,15 +102,19 @@ def found_fields(hf_config) -> dict[str, tuple]:
   if isinstance(eos, (list, tuple)):
     raise layout.ConversionError(
         f"config.json text_config.eos_token_id: expected one id, found {eos}")
-  found["text.eos_token_id"] = (None if eos == LEGACY_ARGMAX_EOS else eos,
-                                "config.json text_config.eos_token_id; 2 means argmax pooling")
+  eos = None if eos == LEGACY_ARGMAX_EOS else eos
+  tokenizer = text_pooling.read_tokenizer_ids(folder) if folder else None
+  text_pooling.check_eos(eos, text.vocab_size, f"{os.path.join(folder, 'config.json')} "
+                         "text_config.eos_token_id", tokenizer, argmax_value=str(LEGACY_ARGMAX_EOS))
+  found["text.eos_token_id"] = (eos, "config.json text_config.eos_token_id; 2 means argmax "
+                                "pooling")
   return found
 
 
 def model_config_from_hf(folder: str, tasks: Sequence[str] = (),
                          **overrides) -> ml_collections.ConfigDict:
   """Our model config with the towers exactly as the folder's config.json states them."""
-  fields = {k: v for k, (v, _) in found_fields(read_config(folder)).items()}
+  fields = {k: v for k, (v, _) in found_fields(read_config(folder), folder).items()}
   cfg = variants.model_config("B/16", tasks=tasks, **overrides)
   cfg.variant = f"hf:{os.path.basename(os.path.normpath(folder))}"
   for field, value in fields.items():
@@ -106,7 +135,7 @@ def weights_source(folder: str) -> tensor_files.TensorSource:
 
 def load(folder: str, model_config) -> dict:
   """Our tower params from an HF CLIPModel folder, checked against `model_config`."""
-  found = found_fields(read_config(folder))
+  found = found_fields(read_config(folder), folder)
   return layout.from_torch(weights_source(folder), model_config, "hf", "a Hugging Face CLIPModel",
                            found, IGNORED)
 
@@ -125,6 +154,7 @@ def hf_config(model_config, logit_scale: float, bos_token_id: int | None = None,
     raise layout.ConversionError(
         f"model.text.eos_token_id = {eos} cannot be exported: Hugging Face reads eos_token_id 2 as "
         "'pool at the argmax id' (legacy CLIP configs), not 'pool at the first id 2'")
+  text_pooling.check_eos(eos, txt.vocab_size, "model.text.eos_token_id")
   for tower, cfg in (("image", img), ("text", txt)):
     if cfg.activation not in TO_HF_ACTIVATION:
       raise layout.ConversionError(f"model.{tower}.activation: expected one of "
@@ -188,6 +218,10 @@ def export(params: Mapping, model_config, out_dir: str, image_mean: Sequence[flo
            host: Callable = np.asarray) -> list[str]:
   """Writes config.json, model.safetensors (streamed leaf by leaf), preprocessor_config.json and,
   with `tokenizer_dir`, the tokenizer files. `params` holds `img`, `txt`, `logit_scale`."""
+  if tokenizer_dir:  # what HF users will tokenize with must end text where the model pools
+    tokenizer = text_pooling.read_tokenizer_ids(tokenizer_dir)
+    text_pooling.check_eos(model_config.text.get("eos_token_id"), model_config.text.vocab_size,
+                           "model.text.eos_token_id", tokenizer)
   os.makedirs(out_dir, exist_ok=True)
   special = (copy_tokenizer(tokenizer_dir, out_dir, model_config.text.context_length)
              if tokenizer_dir else {})

@@ -16,14 +16,12 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from clipzoo_jax.convert import pos_embed
+from clipzoo_jax.convert import text_pooling
+from clipzoo_jax.convert.errors import ConversionError
 from clipzoo_jax.convert.tensor_files import TensorSource
 
 NAMINGS = ("hf", "openai")
 TOWERS = ("img", "txt", "logit_scale")
-
-
-class ConversionError(ValueError):
-  """A checkpoint does not fit the run's config or the expected names/shapes; lists every issue."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,9 +315,10 @@ def tensor_problems(source: TensorSource, entries: list[Entry],
   return problems
 
 
-HINTS = {  # what a user can do about a mismatch of this field
+HINTS = {  # what a user can do about a mismatch of this field (found values are checked first)
     "text.context_length": "the run's context may be shorter than the source's, not longer",
-    "text.eos_token_id": "set model.text.eos_token_id to the found value (None: argmax pooling)",
+    "text.eos_token_id": "set model.text.eos_token_id to the found value (None: argmax pooling), "
+                         "which is the end-of-text id of the tokenizer the source was trained with",
 }
 MAX_LISTED = 20
 
@@ -327,6 +326,22 @@ MAX_LISTED = 20
 def _listed(names: list[str]) -> str:
   more = f" ... and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
   return f"{names[:MAX_LISTED]}{more}"
+
+
+def run_config_problems(model_config, tokenizer=None) -> list[str]:
+  """What the run's own model config states that no model can be: an activation the towers do not
+  implement, an end-of-text id outside the vocabulary (or not the tokenizer's, when given)."""
+  from clipzoo_jax.models import transformer  # pylint: disable=import-outside-toplevel
+  problems = []
+  for tower in ("image", "text"):
+    activation = model_config[tower].get("activation")
+    if activation not in transformer.ACTIVATIONS:
+      problems.append(f"model.{tower}.activation: expected one of "
+                      f"{sorted(transformer.ACTIVATIONS)}, found {activation!r} (run config)")
+  text = model_config.text
+  problems += text_pooling.eos_problems(text.get("eos_token_id"), text.vocab_size,
+                                        "model.text.eos_token_id", tokenizer)
+  return problems
 
 
 def config_mismatches(found: Mapping[str, tuple], model_config) -> list[str]:
@@ -368,7 +383,7 @@ def checked_plan(source: TensorSource, model_config, naming: str, fmt: str,
   source_size, _ = found.get("image.image_size", (None, None))
   grid = source_size // model_config.image.patch_size if source_size else None
   context, _ = found.get("text.context_length", (None, None))
-  mismatches = config_mismatches(found, model_config)
+  mismatches = run_config_problems(model_config) + config_mismatches(found, model_config)
   try:
     entries = plan(model_config, naming, image_grid=grid, context_length=context)
   except ConversionError:

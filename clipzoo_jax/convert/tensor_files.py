@@ -20,8 +20,14 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from clipzoo_jax.convert.errors import ConversionError
+from clipzoo_jax.convert.errors import reading
 
-class TensorFileError(ValueError):
+SAFETENSORS = "safetensors file"
+TORCH_FILE = "PyTorch file (torch.save or TorchScript)"
+
+
+class TensorFileError(ConversionError):
   """A weight file cannot be read; the message names the file and what was found."""
 
 
@@ -47,7 +53,8 @@ class TensorSource:
     return self._shapes[self._keys[name]]
 
   def get(self, name: str) -> np.ndarray:
-    return np.asarray(self._fetch(self._keys[name]), np.float32, order="C")
+    with reading(self.origin, f"tensor {name!r}", TensorFileError):
+      return np.asarray(self._fetch(self._keys[name]), np.float32, order="C")
 
   def renamed(self, rename: Callable[[str], str]) -> "TensorSource":
     """The same tensors under new names (e.g. a `module.` prefix stripped)."""
@@ -84,7 +91,9 @@ def safetensors_source(paths: Iterable[str], origin: str | None = None) -> Tenso
   paths = list(paths)
   where, shapes = {}, {}
   for path in paths:
-    with safe_open(path, framework="pt") as f:
+    if not os.path.isfile(path):
+      raise TensorFileError(f"{origin or path}: weight file {path} does not exist")
+    with reading(path, SAFETENSORS, TensorFileError), safe_open(path, framework="pt") as f:
       for name in f.keys():
         if name in where:
           raise TensorFileError(f"{path}: tensor {name!r} is also in {where[name]}")
@@ -100,12 +109,24 @@ def safetensors_source(paths: Iterable[str], origin: str | None = None) -> Tenso
 
 def index_files(index_path: str) -> list[str]:
   """The shard files named by an HF `*.index.json` weight map, in first-use order."""
-  with open(index_path) as f:
-    weight_map = json.load(f).get("weight_map")
-  if not isinstance(weight_map, dict) or not weight_map:
-    raise TensorFileError(f"{index_path}: expected a non-empty 'weight_map' object")
+  with reading(index_path, "JSON file", TensorFileError), open(index_path, encoding="utf-8") as f:
+    index = json.load(f)
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not weight_map or not all(
+      isinstance(name, str) for name in weight_map.values()):
+    raise TensorFileError(f"{index_path}: expected an object with a non-empty 'weight_map' of "
+                          f"tensor name -> file name, found {_excerpt(index)}")
   folder = os.path.dirname(index_path)
-  return [os.path.join(folder, name) for name in dict.fromkeys(weight_map.values())]
+  files = [os.path.join(folder, name) for name in dict.fromkeys(weight_map.values())]
+  missing = [f for f in files if not os.path.isfile(f)]
+  if missing:
+    raise TensorFileError(f"{index_path}: names weight files that do not exist: {missing}")
+  return files
+
+
+def _excerpt(value, limit: int = 80) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 class SafetensorsWriter:
@@ -238,13 +259,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return collections.OrderedDict
     if module.startswith("__torch__"):
       return _ScriptObject
-    raise pickle.UnpicklingError(f"{self._origin}: refusing global {module}.{name} in a "
+    raise TensorFileError(f"{self._origin}: refusing global {module}.{name} in a "
                                  "TorchScript archive (only tensors are read)")
 
   def persistent_load(self, pid):
     kind, dtype, key = pid[0], pid[1], pid[2]
     if kind != "storage":
-      raise pickle.UnpicklingError(f"{self._origin}: unknown persistent id {pid!r}")
+      raise TensorFileError(f"{self._origin}: unknown persistent id {pid!r}")
     return _storage_array(self._archive.read(f"{self._prefix}data/{key}"), dtype)
 
 
@@ -269,7 +290,7 @@ def _walk_script(obj, prefix: str, tensors: dict, scalars: dict) -> None:
 
 def read_torchscript(path: str) -> TensorSource:
   """Every tensor attribute of a TorchScript archive's module tree, by dotted name."""
-  with zipfile.ZipFile(path) as archive:
+  with reading(path, "TorchScript archive", TensorFileError), zipfile.ZipFile(path) as archive:
     prefix = _zip_prefix(archive.namelist())
     with archive.open(prefix + "data.pkl") as f:
       root = _RestrictedUnpickler(f, archive, prefix, path).load()
@@ -284,11 +305,10 @@ def read_torch_pickle(path: str) -> TensorSource:
   """A `torch.save`d state dict, loaded with weights_only=True; a `{'state_dict': ...}` wrapper
   (training checkpoints) is unwrapped; non-tensor scalars go to `metadata`."""
   import torch  # pylint: disable=import-outside-toplevel
-  try:
+  hint = ("truncated or corrupt? only plain state dicts are read, with "
+          "torch.load(weights_only=True), never pickled code")
+  with reading(path, TORCH_FILE, TensorFileError, hint):
     obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-  except pickle.UnpicklingError as e:
-    raise TensorFileError(f"{path}: not loadable with torch.load(weights_only=True) (only plain "
-                          f"state dicts are read, never pickled code): {e}") from e
   if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
     obj = obj["state_dict"]
   if not isinstance(obj, Mapping):
@@ -300,18 +320,29 @@ def read_torch_pickle(path: str) -> TensorSource:
   return array_source(tensors, path, scalars)
 
 
+def is_safetensors(path: str) -> bool:
+  """A safetensors file starts with its header length (8 bytes) and then the JSON header."""
+  with open(path, "rb") as f:
+    start = f.read(9)
+  return len(start) == 9 and start[8:9] == b"{"
+
+
 def read_tensor_file(path: str) -> TensorSource:
-  """Any supported weight file by its content: safetensors (or its index), TorchScript, pickle."""
+  """Any supported weight file by its content: safetensors (or its index), TorchScript, pickle.
+  A file that cannot be read raises TensorFileError naming it, whatever the way it is broken."""
   if not os.path.isfile(path):
     raise TensorFileError(f"{path}: no such file")
+  if os.path.getsize(path) == 0:
+    raise TensorFileError(f"{path}: empty file (0 bytes); expected a safetensors or PyTorch "
+                          "weight file (an interrupted download or copy?)")
   if path.endswith(".index.json"):
     files = index_files(path)
     if all(f.endswith(".safetensors") for f in files):
       return safetensors_source(files, path)
-    sources = [read_torch_pickle(f) for f in files]
+    sources = [read_tensor_file(f) for f in files]
     return array_source({n: s.get(n) for s in sources for n in s.names()}, path)
-  if path.endswith(".safetensors"):
+  if path.endswith(".safetensors") or is_safetensors(path):
     return safetensors_source([path])
-  if is_torchscript(path):
-    return read_torchscript(path)
-  return read_torch_pickle(path)
+  with reading(path, TORCH_FILE, TensorFileError):
+    torchscript = is_torchscript(path)
+  return read_torchscript(path) if torchscript else read_torch_pickle(path)

@@ -175,12 +175,17 @@ def expected_state_shapes(config: Mapping) -> dict[str, tuple]:
 
 def save_heads(heads: Mapping, config: Mapping, folder: str) -> list[str]:
   """Writes `heads.safetensors` and `heads_config.json`; names and shapes must fit `config`."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
   state = heads_to_torch(heads)
   _check_state(state, config, "heads params")
   os.makedirs(folder, exist_ok=True)
   weights, config_path = os.path.join(folder, HEADS_WEIGHTS), os.path.join(folder, HEADS_CONFIG)
-  save_file(state, weights, metadata={"format": "pt"})
+  # Not safetensors' save_file: its temporary file leaves the weights mode 0600, unlike the other
+  # exported files (0666 less the umask). open() + rename keeps the write atomic and the mode usual.
+  temporary = f"{weights}.tmp-{os.getpid()}"
+  with open(temporary, "wb") as f:
+    f.write(save(state, metadata={"format": "pt"}))
+  os.replace(temporary, weights)
   with open(config_path, "w") as f:
     json.dump(dict(config), f, indent=2)
   return [weights, config_path]
