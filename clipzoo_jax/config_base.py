@@ -30,7 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict(dict(weights={}, depth="ssi"))
   config.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, warmup_steps=100,
-      end_lr_factor=0.0, grad_clip_norm=1.0, freeze=[], lr_multipliers=[]))
+      end_lr_factor=0.0, grad_clip_norm=1.0, freeze=[], lr_multipliers=[],
+      schedule_steps=0))  # 0: warmup + cosine over total_steps
   return config
 
 

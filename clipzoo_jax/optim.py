@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from clipzoo_jax import cli
+
 # No decay on norms, biases, embeddings (token, position, class) and the temperature.
 NO_DECAY_PATTERNS = (r"(^|/)bias$", r"(^|/)scale$", r"(^|/)ln[^/]*/", r"embedding$",
                      r"pos_embedding$", r"cls_token$", r"^logit_scale$")
@@ -49,11 +51,18 @@ def check_patterns_match(params, config: ml_collections.ConfigDict) -> None:
                           ("optim.lr_multipliers", [p for p, _ in config.get("lr_multipliers", [])])):
     for pattern in patterns:
       if not any(re.search(pattern, path) for path in paths):
-        raise ValueError(f"config.{field}: pattern {pattern!r} matches no parameter; "
+        raise cli.UserError(f"config.{field}: pattern {pattern!r} matches no parameter; "
                          f"parameter paths look like {paths[:3]}")
 
 
+def schedule_steps(optim_config: ml_collections.ConfigDict, total_steps: int) -> int:
+  """The length of the learning-rate schedule: `optim.schedule_steps`, or the run's total steps
+  when it is 0. Pinning it lets a finished run be extended at its final learning rate."""
+  return int(optim_config.get("schedule_steps") or total_steps)
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> Callable:
+  total_steps = schedule_steps(config, total_steps)
   warmup = int(config.get("warmup_steps", 0))
   if warmup >= total_steps:  # e.g. a short run from --config.total_steps=10
     logging.warning("config.optim.warmup_steps %d >= total_steps %d: warming up for %d steps",

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from clipzoo_jax import cli
 from clipzoo_jax import losses
 from clipzoo_jax import optim
 from clipzoo_jax import sharding
@@ -63,22 +64,22 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   grid = config.model.image.image_size // config.model.image.patch_size
   head_size = grid * config.model.heads.upsample
   if tasks and config.data.label_size != head_size:
-    raise ValueError(f"config.data.label_size is {config.data.label_size} but the heads output "
+    raise cli.UserError(f"config.data.label_size is {config.data.label_size} but the heads output "
                      f"{head_size} (model.image.image_size / patch_size * model.heads.upsample = "
                      f"{config.model.image.image_size}/{config.model.image.patch_size}*"
                      f"{config.model.heads.upsample})")
   if config.data.image_size != config.model.image.image_size:
-    raise ValueError(f"config.data.image_size {config.data.image_size} differs from "
+    raise cli.UserError(f"config.data.image_size {config.data.image_size} differs from "
                      f"config.model.image.image_size {config.model.image.image_size}")
   if config.tokenizer.context_length != config.model.text.context_length:
-    raise ValueError(f"config.tokenizer.context_length {config.tokenizer.context_length} differs "
+    raise cli.UserError(f"config.tokenizer.context_length {config.tokenizer.context_length} differs "
                      f"from config.model.text.context_length {config.model.text.context_length}")
   if config.global_batch_size % num_devices:
-    raise ValueError(f"config.global_batch_size {config.global_batch_size} is not divisible by "
+    raise cli.UserError(f"config.global_batch_size {config.global_batch_size} is not divisible by "
                      f"the {num_devices} devices")
   for name in ("total_steps", "log_every", "checkpoint_every"):
     if int(config[name]) < 1:
-      raise ValueError(f"config.{name} must be >= 1, found {config[name]}")
+      raise cli.UserError(f"config.{name} must be >= 1, found {config[name]}")
 
 
 def model_inputs(model_config: ml_collections.ConfigDict, batch_size: int = 1):
@@ -279,12 +280,12 @@ def load_pretrained_towers(state, shardings, config):
   params = dict(state["params"])
   for name, subtree in loaded.items():
     if name not in params:
-      raise ValueError(f"config.model_init {config.model_init}: loaded item {name!r} is not a "
+      raise cli.UserError(f"config.model_init {config.model_init}: loaded item {name!r} is not a "
                        f"model parameter; model has {sorted(params)}")
     expected = jax.tree.map(lambda x: x.shape, params[name])
     found = jax.tree.map(lambda x: x.shape, subtree)
     if expected != found:
-      raise ValueError(f"config.model_init {config.model_init}: shapes of {name!r} differ from "
+      raise cli.UserError(f"config.model_init {config.model_init}: shapes of {name!r} differ from "
                        "the model's (expected, found) " f"{expected} vs {found}")
     params[name] = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, np.float32), s),
                                 subtree, shardings["params"][name])

@@ -14,12 +14,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from clipzoo_jax import cli
 from clipzoo_jax import checkpoint as checkpoint_lib
 from clipzoo_jax import metrics as metrics_lib
+from clipzoo_jax import optim
 from clipzoo_jax import periodic
 from clipzoo_jax import progress as progress_lib
 from clipzoo_jax import run as run_lib
 from clipzoo_jax import tasks as task_lib
+from clipzoo_jax.convert import text_pooling
 from clipzoo_jax.data import loader as loader_lib
 from clipzoo_jax.data import prepare, shards
 
@@ -48,8 +51,12 @@ def make_pipeline(config: ml_collections.ConfigDict, workdir: str) -> loader_lib
                          config.model, os.path.join(dataset_dir, shards.MANIFEST_NAME))
   tokenizer = prepare.prepare_tokenizer(config.tokenizer, dataset_dir, workdir)
   if tokenizer.vocab_size > config.model.text.vocab_size:
-    raise ValueError(f"config.model.text.vocab_size {config.model.text.vocab_size} is smaller than "
+    raise cli.UserError(f"config.model.text.vocab_size {config.model.text.vocab_size} is smaller than "
                      f"the tokenizer's {tokenizer.vocab_size} ({config.tokenizer.directory})")
+  # the text tower pools at the end-of-text id: it must be the one this tokenizer writes
+  text_pooling.check_eos(config.model.text.get("eos_token_id"), config.model.text.vocab_size,
+                         "config.model.text.eos_token_id", text_pooling.read_tokenizer_ids(
+                             prepare.resolve_path(config.tokenizer.directory, workdir)))
   data_config = ml_collections.ConfigDict(config.data.to_dict())
   data_config.directory = dataset_dir
   return loader_lib.InputPipeline(
@@ -68,18 +75,50 @@ class Loop:
   start: int  # the step the state holds when the loop begins
 
 
+def warn_if_schedule_changed(previous, config, step: int) -> None:
+  """A resumed run whose config moves the learning-rate schedule (e.g. a raised total_steps
+  stretches the cosine) says so, with the rate at the resume step before and after."""
+  before = float(optim.learning_rate_schedule(previous.optim, previous.total_steps)(step))
+  after = float(optim.learning_rate_schedule(config.optim, config.total_steps)(step))
+  if not np.isclose(before, after, rtol=1e-6, atol=0.0):
+    length = optim.schedule_steps(previous.optim, previous.total_steps)
+    log.warning("the learning-rate schedule changed since the run that saved step %d: the rate "
+                "there was %.3g and is now %.3g (schedule over %d steps, now %d). To extend a run "
+                "on its own schedule, pass --config.optim.schedule_steps=%d", step, before, after,
+                length, optim.schedule_steps(config.optim, config.total_steps), length)
+
+
+def _check_start(start: int, config) -> bool:
+  """Whether there are steps left to run; a checkpoint past total_steps is an error."""
+  if start > config.total_steps:
+    raise cli.UserError(f"the workdir's checkpoint is at step {start}, past config.total_steps "
+                     f"{config.total_steps}; raise --config.total_steps or use another --workdir")
+  if start == config.total_steps:
+    log.warning("the workdir's checkpoint is at step %d = config.total_steps: nothing to do "
+                "(raise --config.total_steps to continue)", start)
+  return start < config.total_steps
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) in `workdir`; returns the last logged metrics row."""
   run = run_lib.setup(config)
-  checkpoint_lib.save_config(workdir, config)
+  previous = (checkpoint_lib.load_config(workdir)
+              if os.path.exists(os.path.join(workdir, checkpoint_lib.CONFIG_NAME)) else None)
   log.info("mesh %s", dict(run.mesh.shape))
-  pipeline = make_pipeline(config, workdir)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.get("keep_checkpoints", 3),
                                              config.get("async_checkpointing", True))
+  latest = checkpointer.latest_step()
+  if latest is not None and not _check_start(latest, config):
+    checkpointer.close()
+    return {}
+  checkpoint_lib.save_config(workdir, config)
+  pipeline = make_pipeline(config, workdir)
   state, data_state, start = run.restore_or_init(checkpointer)
   if data_state is not None:
     pipeline.set_state(data_state)
     log.info("resumed from step %d", start)
+    if previous is not None:
+      warn_if_schedule_changed(previous, config, start)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   try:
     return run_loop(Loop(workdir, run, pipeline, checkpointer, writer, start), state)

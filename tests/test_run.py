@@ -124,3 +124,64 @@ def test_config_errors_name_the_keys():
   config.model.heads.tasks = ["seg", "edges"]
   with pytest.raises(ValueError, match="config.model.heads.tasks: unknown task 'edges'"):
     run.setup(config)
+
+
+def _small_demo(tmp_path, tasks=tuple(task_lib.names())):
+  config = config_base.demo_config(list(tasks))
+  config.data.toyworld.num_examples, config.data.toyworld.num_shards = 32, 2
+  config.global_batch_size = 16
+  return config
+
+
+def test_the_loader_fills_exactly_the_batch_contract(tmp_path):
+  from clipzoo_jax import train
+  config = _small_demo(tmp_path)
+  built = run.setup(config)
+  pipeline = train.make_pipeline(config, str(tmp_path))
+  batch = built.global_batch(next(iter(pipeline)))
+  assert sorted(batch) == sorted(built.abstract_batch)
+
+
+def test_dataset_classes_must_fit_the_heads(tmp_path):
+  manifest = {"tasks": {"seg": {"classes": [f"c{i}" for i in range(150)]},
+                        "det": {"classes": ["a", "b"]}}}
+  model = config_base.demo_config(["seg", "det"]).model
+  model.heads.num_seg_classes = 6
+  with pytest.raises(ValueError, match=r"m.json: task 'seg' has 150 classes \(c0, c1, c2, c3, c4, "
+                                       r"\.\.\.\) but config.model.heads.num_seg_classes is 6; set "
+                                       r"--config.model.heads.num_seg_classes=150"):
+    task_lib.check_dataset(["seg", "det"], manifest, model, "m.json")
+  manifest["tasks"]["seg"]["classes"] = ["x"] * 6
+  task_lib.check_dataset(["seg", "det"], manifest, model, "m.json")  # fewer det classes: fine
+  with pytest.raises(ValueError, match=r"task 'depth' of config.model.heads.tasks is not in"):
+    task_lib.check_dataset(["depth"], manifest, model, "m.json")
+
+
+def test_data_directory_alone_points_a_toyworld_config_at_other_shards(tmp_path):
+  """`--config.data.directory=DIR` is enough: a directory holding pseudo-labelled shards is used
+  as it is, even by a config that generates the toy world where there is no data."""
+  import json
+  from clipzoo_jax.data import prepare, shards, toyworld
+  labelled = str(tmp_path / "labelled")
+  toyworld.write_dataset(labelled, num_examples=8, seed=3, size=32, num_shards=1, split="train")
+  path = os.path.join(labelled, shards.MANIFEST_NAME)
+  with open(path) as f:
+    manifest = json.load(f)
+  del manifest["toyworld"]  # as the pseudo-labelling job writes it
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+  config = _small_demo(tmp_path)
+  config.data.directory = labelled
+  assert prepare.prepare_dataset(config.data, str(tmp_path / "work")) == labelled
+  assert sorted(os.listdir(labelled)) == sorted(
+      [shards.MANIFEST_NAME] + [n for n in os.listdir(labelled) if n != shards.MANIFEST_NAME])
+  assert shards.read_manifest(labelled)["num_records"] == 8  # nothing generated over it
+
+
+def test_training_refuses_an_end_of_text_id_its_tokenizer_never_writes(tmp_path):
+  from clipzoo_jax import train
+  config = _small_demo(tmp_path, tasks=())
+  config.model.text.eos_token_id = 49407  # transformers' default, outside the demo's 1024 ids
+  with pytest.raises(ValueError, match=r"config.model.text.eos_token_id: 49407 is outside the "
+                                       r"vocabulary \(vocab_size 1024\)"):
+    train.make_pipeline(config, str(tmp_path))

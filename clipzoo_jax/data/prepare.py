@@ -3,6 +3,7 @@ for them) and a tokenizer (loaded from a CLIP folder, or trained on the dataset'
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -34,10 +35,24 @@ def _on_process_zero_then_sync(fn, name: str):
     multihost_utils.sync_global_devices(name)
 
 
+def _holds_other_dataset(directory: str) -> bool:
+  """Whether `directory` has a complete dataset that the toy-world generator did not write."""
+  if not os.path.exists(os.path.join(directory, shards.MANIFEST_NAME)):
+    return False
+  return "toyworld" not in shards.read_manifest(directory)
+
+
 def prepare_dataset(data_config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The dataset directory of `config.data.directory`. With `config.data.toyworld` set, the toy
+  world is generated there when the directory has no dataset; a directory that already holds
+  pseudo-labelled shards is used as it is, so `--config.data.directory=DIR` alone points any
+  config at your own shards."""
   directory = resolve_path(data_config.directory, workdir)
   toy = data_config.get("toyworld")
-  if toy:
+  if toy and _holds_other_dataset(directory):
+    logging.info("%s holds a pseudo-labelled dataset: training on it (config.data.toyworld only "
+                 "generates data where there is none)", directory)
+  elif toy:
     from clipzoo_jax.data import toyworld
     _on_process_zero_then_sync(lambda: toyworld.write_dataset(
         directory, num_examples=toy.num_examples, seed=toy.seed, size=toy.size,
