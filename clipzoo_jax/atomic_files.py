@@ -27,14 +27,23 @@ def is_temp(name: str) -> bool:
   return TEMP_MARKER in name
 
 
+def publish(temporary: str, path: str) -> None:
+  """Renames a finished temporary file to `path`, its data on disk (fsync) before the rename, so
+  `path` is either absent, the old file or the complete new one."""
+  descriptor = os.open(temporary, os.O_RDONLY)
+  try:
+    os.fsync(descriptor)
+  finally:
+    os.close(descriptor)
+  os.replace(temporary, path)
+
+
 def write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to `path` atomically; the data is on disk (fsync) before the rename."""
+  """Writes `data` to `path` atomically."""
   tmp = temp_path(path)
   with open(tmp, "wb") as f:
     f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  publish(tmp, path)
 
 
 def write_text(path: str, text: str) -> None:

@@ -190,13 +190,15 @@ class Run:
     return batch
 
   def synthetic_batch(self, seed: int = 0) -> dict[str, np.ndarray]:
-    """A random global batch of the contract's shapes (benchmarks, compile checks)."""
+    """This process's share of a random batch of the contract's shapes (benchmarks, compile
+    checks); `global_batch` of it is a global batch."""
     config = self.config
-    rng = np.random.default_rng(seed)
-    size = config.global_batch_size
-    batch = {"image": rng.normal(size=self.abstract_batch["image"].shape).astype(np.float32),
+    rng = np.random.default_rng([seed, jax.process_index()])
+    size = config.global_batch_size // jax.process_count()
+    local = lambda name: (size, *self.abstract_batch[name].shape[1:])
+    batch = {"image": rng.normal(size=local("image")).astype(np.float32),
              "tokens": rng.integers(1, config.model.text.vocab_size - 1,
-                                    self.abstract_batch["tokens"].shape).astype(np.int32)}
+                                    local("tokens")).astype(np.int32)}
     for task in task_lib.get_all(task_lib.canonical_order(config.model.heads.tasks)):
       batch.update(task.synthetic_labels(rng, size, int(config.data.label_size),
                                          int(config.data.get("max_boxes", 16)), config.model))

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from clipzoo_jax import atomic_files
 from clipzoo_jax.convert.errors import ConversionError
 from clipzoo_jax.convert.errors import reading
 
@@ -151,7 +152,7 @@ class SafetensorsWriter:
     self._data_start = 8 + len(text)
     self._written = collections.defaultdict(set)
     self._num_slots = {}
-    self._tmp = f"{path}.tmp-{os.getpid()}"
+    self._tmp = atomic_files.temp_path(path)
     self._file = open(self._tmp, "wb")
     self._file.write(struct.pack("<Q", len(text)) + text)
     self._file.truncate(self._data_start + offset)
@@ -181,7 +182,7 @@ class SafetensorsWriter:
     if incomplete:
       os.remove(self._tmp)
       raise TensorFileError(f"{self.path}: tensors never (fully) written: {incomplete}")
-    os.replace(self._tmp, self.path)
+    atomic_files.publish(self._tmp, self.path)
 
   def abort(self) -> None:
     if not self._file.closed:

@@ -181,7 +181,8 @@ def save_heads(heads: Mapping, config: Mapping, folder: str) -> list[str]:
   os.makedirs(folder, exist_ok=True)
   weights, config_path = os.path.join(folder, HEADS_WEIGHTS), os.path.join(folder, HEADS_CONFIG)
   # Not safetensors' save_file: its temporary file leaves the weights mode 0600, unlike the other
-  # exported files (0666 less the umask). open() + rename keeps the write atomic and the mode usual.
+  # exported files (0666 less the umask). open() + rename keeps the write atomic and the mode usual
+  # (clipzoo_jax.atomic_files does the same; this file is shipped alone, so it cannot import it).
   temporary = f"{weights}.tmp-{os.getpid()}"
   with open(temporary, "wb") as f:
     f.write(save(state, metadata={"format": "pt"}))

@@ -112,7 +112,7 @@ class ShardWriter:
         os.remove(self._tmp)
       return
     atomic_files.write_bytes(index_path(self.path), np.asarray(self._offsets, "<i8").tobytes())
-    os.replace(self._tmp, self.path)
+    atomic_files.publish(self._tmp, self.path)
     info = ShardInfo(path=os.path.basename(self.path), num_records=len(self._keys),
                      sha256=file_sha256(self.path), keys_sha256=_keys_digest(self._keys))
     atomic_files.write_json(sidecar_path(self.path), info.to_json(), indent=1)
