@@ -7,15 +7,21 @@ r"""CLIPTeX: fine-tune a pre-trained CLIP on pseudo-labelled image-text data (th
 
 `tasks=none` is the CLIP-FT baseline: same data and schedule, no pseudo-labels. `runlocal` shrinks
 everything to a CPU-sized check on the built-in toy world. Loss weights: `w_seg=1.0`, ...
+
+Evaluators (config.evals): with `eval_data_dir=DIR` (prepared TFDS datasets) the paper's set,
+ImageNet zero-shot, ADE20K seg probes, NYU-v2 depth and COCO detection probes; without it the
+offline toy-world set. Every `eval_every` steps (0: at the end only) and at the end.
 """
 
 from clipzoo_jax import config_args
 from clipzoo_jax import config_base
+from clipzoo_jax.evals import presets
 from clipzoo_jax.models import variants
 
 ARGS = dict(variant="B/16", tasks="seg+depth+normals+det", image_size=224, batch_size=4096,
             epochs=30.0, num_examples=2_900_000, lr=1e-4, w_seg=1.0, w_depth=1.0,
-            w_normals=1.0, w_det=1.0, num_seg_classes=150, num_det_classes=80, runlocal=False)
+            w_normals=1.0, w_det=1.0, num_seg_classes=150, num_det_classes=80, eval_data_dir="",
+            eval_every=5000, runlocal=False)
 
 
 def get_config(arg=None):
@@ -47,8 +53,14 @@ def get_config(arg=None):
   if tasks:  # fresh heads learn faster than the towers (CLIP-FT has no heads to match)
     config.optim.lr_multipliers = [[r"^heads/", 10.0]]
   config.loss.weights = {t: args[f"w_{t}"] for t in tasks}
+  if args.eval_data_dir:
+    config.evals = presets.tfds_evals(args.eval_data_dir, args.eval_every)
+  else:
+    config.evals = presets.toyworld_evals(args.eval_every, config.model.image.image_size)
   if args.runlocal:
     config_base.make_local(config)
+    config.evals = presets.toyworld_evals(0, config.model.image.image_size, batch_size=16,
+                                          probe_steps=10)
   return config
 
 
