@@ -1,18 +1,35 @@
-"""Orbax checkpoints of a run: items `state` ({step, params, opt_state}) and `data` (the input
-iterator's JSON state), under `<workdir>/checkpoints/<step>/`. Orbax commits a step atomically
-(temporary directory renamed when complete), so a killed save never looks like a checkpoint."""
+"""Orbax checkpoints of a run: items `state` ({step, params, opt_state}), `data` (the input
+iterator's JSON state) and `integrity` (checksums of the state), under
+`<workdir>/checkpoints/<step>/`.
+
+Orbax commits a step atomically (temporary directory renamed when complete), so a killed save
+never looks like a checkpoint. What can still go wrong on disk (a file deleted, truncated or with
+a flipped byte) is caught at restore: a step that does not restore, or whose contents differ from
+the checksums recorded when it was saved, is reported, set aside under `checkpoints_damaged/`,
+and the previous step is restored instead.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-STATE, DATA = "state", "data"
+from clipzoo_jax import cli
+
+log = logging.getLogger(__name__)
+
+STATE, DATA, INTEGRITY = "state", "data", "integrity"
+INTEGRITY_VERSION = 1
 CONFIG_NAME = "config.json"
 # Orbax splits writes of replicated arrays across replicas; for small arrays each split costs a
 # compiled slice (120 of them, ~6 s, for the demo on 8 CPU devices) and saves nothing.
@@ -40,35 +57,133 @@ def type_handler_registry() -> ocp.type_handlers.TypeHandlerRegistry:
 
 def _manager(workdir: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
   handlers = {STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=type_handler_registry()),
-              DATA: ocp.JsonCheckpointHandler()}
+              DATA: ocp.JsonCheckpointHandler(), INTEGRITY: ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+
+
+class CheckpointError(cli.UserError):
+  """A checkpoint directory that cannot be written, or no checkpoint that can be restored."""
+
+
+def _leaf_checksum(x):
+  """Sum of the leaf's bit patterns modulo 2**32: independent of sharding and summation order,
+  and changed by any single flipped bit."""
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
+  bits = jax.lax.bitcast_convert_type(x, unsigned)
+  if bits.dtype.itemsize == 8:
+    bits = (bits ^ (bits >> 32)).astype(jnp.uint32)
+  return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+
+
+_checksums = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+
+
+def state_checksums(state) -> dict[str, int]:
+  """{leaf path: checksum} of a (sharded) state, computed where the state lives."""
+  sums = jax.device_get(_checksums(state))
+  return {jax.tree_util.keystr(path): int(value)
+          for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+  return f"{type(error).__name__}: {text[:limit]}"
+
+
+def _probe_writable(directory: str) -> None:
+  """Fails now, naming the directory, where Orbax would wait 300 s on a barrier and then fail."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f".write-probe-{os.getpid()}")
+    os.mkdir(probe)
+    os.rmdir(probe)
+  except OSError as error:
+    raise CheckpointError(f"{directory}: checkpoints cannot be written there ({error}); fix the "
+                          "directory or pass another --workdir") from None
 
 
 class Checkpointer:
   """Saves when asked (the loop's `periodic.Every` decides when), keeps the newest `keep`,
-  restores onto any mesh."""
+  restores onto any mesh, and falls back past damaged checkpoints."""
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
-    self.manager = _manager(workdir, options)
+    self.workdir = workdir
+    self.directory = checkpoint_dir(workdir)
+    if jax.process_index() == 0:
+      _probe_writable(self.directory)
+    self.options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                enable_async_checkpointing=async_save)
+    self.manager = _manager(workdir, self.options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict) -> bool:
-    """Starts saving `state` and the input iterator's `data_state` as checkpoint `step`."""
+    """Starts saving `state`, its checksums and the input iterator's `data_state` as `step`."""
+    integrity = {"version": INTEGRITY_VERSION, "checksums": state_checksums(state)}
     return self.manager.save(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.PyTreeSave(state), DATA: ocp.args.JsonSave(data_state)}), force=True)
+        STATE: ocp.args.PyTreeSave(state), DATA: ocp.args.JsonSave(data_state),
+        INTEGRITY: ocp.args.JsonSave(integrity)}), force=True)
 
   def restore(self, step: int, abstract_state):
     """Restores onto the shardings of `abstract_state` (jax.ShapeDtypeStruct leaves with
-    .sharding), which may be a different mesh or device count than the one that saved."""
+    .sharding), which may be a different mesh or device count than the one that saved, and
+    checks the state against the checksums recorded at save (when the step has them)."""
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args),
-        DATA: ocp.args.JsonRestore()}))
+    items = {STATE: ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args),
+             DATA: ocp.args.JsonRestore()}
+    verify = os.path.isdir(os.path.join(self.directory, str(step), INTEGRITY))
+    if verify:
+      items[INTEGRITY] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if verify:
+      self._verify(step, restored[STATE], restored[INTEGRITY])
     return restored[STATE], restored[DATA]
+
+  def _verify(self, step: int, state, integrity: dict) -> None:
+    expected, found = integrity["checksums"], state_checksums(state)
+    wrong = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+    if wrong:
+      raise CheckpointError(f"{os.path.join(self.directory, str(step))}: {len(wrong)} arrays differ "
+                            f"from the checksums recorded when it was saved: {wrong[:4]}"
+                            f"{' ...' if len(wrong) > 4 else ''}")
+
+  def restore_latest(self, abstract_state):
+    """(state, data state, step) of the newest checkpoint that restores intact, or None when
+    there is none. Damaged newer steps are reported and set aside; when every step fails (e.g.
+    the config no longer matches), the error lists why each one did."""
+    failures = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, data_state = self.restore(step, abstract_state)
+      except Exception as error:  # noqa: BLE001  (any damage: missing, truncated, wrong files)
+        failures.append((step, _first_line(error)))
+        log.warning("checkpoint %d does not restore (%s); trying the previous one", step,
+                    failures[-1][1])
+        continue
+      if failures:
+        self._set_aside([failed for failed, _ in failures])
+      return state, data_state, step
+    if failures:
+      raise CheckpointError(f"{self.directory}: no checkpoint restores: " + "; ".join(
+          f"step {step}: {reason}" for step, reason in failures))
+    return None
+
+  def _set_aside(self, steps) -> None:
+    """Moves damaged steps to `<workdir>/checkpoints_damaged/` (kept for inspection), so a later
+    save of the same step number does not collide with them."""
+    self.wait()
+    if jax.process_index() == 0:
+      damaged = os.path.join(os.path.dirname(self.directory), "checkpoints_damaged")
+      os.makedirs(damaged, exist_ok=True)
+      for step in steps:
+        target = os.path.join(damaged, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        log.warning("set the damaged checkpoint %d aside: %s", step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("checkpoints_set_aside")
+    self.manager.close()
+    self.manager = _manager(self.workdir, self.options)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -12,6 +12,7 @@ leftover positional arguments (the same pattern after `--corpus ` with a space).
 
 from __future__ import annotations
 
+import ast
 import collections
 import sys
 from typing import Callable, Sequence
@@ -92,14 +93,28 @@ def _report(error: BaseException) -> int:
   return EXIT_USER_ERROR
 
 
+def _flag_error_text(error: Exception) -> str:
+  """The message of a flag-parsing error. An unknown `--config.key` surfaces as ml_collections'
+  AttributeError holding the repr of a KeyError (with its "Did you mean" hint): unwrap it."""
+  text = str(error.args[0]) if isinstance(error, (AttributeError, KeyError)) and error.args else str(error)
+  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    try:
+      text = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      pass
+  if isinstance(error, (AttributeError, KeyError)):
+    text = f"unknown config key {text}"
+  return text
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing; a config file's error prints its last line, not its traceback."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as error:
+  except Exception as error:  # noqa: BLE001  (a flag that does not parse is the user's to fix)
     if _debug_requested(argv):
       raise
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line.strip() for line in _flag_error_text(error).splitlines() if line.strip()]
     if any(line.startswith("Traceback") for line in lines):
       lines = [lines[0], lines[-1]]  # "flag --config=...: Error whilst parsing", the exception
     sys.stderr.write(f"error: {' '.join(lines)}\n(run with --debug for the traceback; "

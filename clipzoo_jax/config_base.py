@@ -15,6 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.total_steps = 1000
   config.log_every = 10
   config.checkpoint_every = 100
+  config.nonfinite = "stop"  # or "skip": a step with a non-finite loss or update is not applied
   config.keep_checkpoints = 3
   config.async_checkpointing = True
   config.global_batch_size = 32
@@ -32,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
       learning_rate=1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, warmup_steps=100,
       end_lr_factor=0.0, grad_clip_norm=1.0, freeze=[], lr_multipliers=[],
       schedule_steps=0))  # 0: warmup + cosine over total_steps
+  config.evals = ml_collections.ConfigDict()  # name -> evaluator options (clipzoo_jax/evals)
   return config
 
 

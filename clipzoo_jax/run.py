@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -32,6 +33,11 @@ from clipzoo_jax import optim
 from clipzoo_jax import sharding
 from clipzoo_jax import tasks as task_lib
 from clipzoo_jax.models import clip
+
+
+# What the loop does at a step whose loss, gradient or update is not finite (the update itself is
+# never applied): skip it and go on, counting it in the row as train/skipped_nonfinite, or stop.
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 def shrink_mesh_to_fit(sizes, num_devices: int):
@@ -53,12 +59,28 @@ def build_mesh(config: ml_collections.ConfigDict, devices=None):
   devices = jax.devices() if devices is None else list(devices)
   sizes = list(config.mesh)
   if config.get("mesh_allow_shrink"):
-    sizes = shrink_mesh_to_fit(sizes, len(devices))
+    try:
+      return sharding.make_mesh(shrink_mesh_to_fit(sizes, len(devices)), devices)
+    except cli.UserError as error:
+      raise cli.UserError(f"config.mesh {sizes} (with config.mesh_allow_shrink) does not fit "
+                          f"{len(devices)} devices: {error}") from None
   return sharding.make_mesh(sizes, devices)
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Cheap consistency checks before anything compiles; errors name the config keys."""
+def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh) -> None:
+  """The global batch splits evenly over the batch axes of the mesh and over the processes."""
+  parallel = int(np.prod([mesh.shape[axis] for axis in sharding.BATCH_AXES]))
+  for count, what in ((parallel, f"the data-parallel size {parallel} (mesh data x fsdp = "
+                                 f"{dict(mesh.shape)})"),
+                      (jax.process_count(), f"the {jax.process_count()} processes")):
+    if config.global_batch_size % count:
+      raise cli.UserError(f"config.global_batch_size {config.global_batch_size} is not divisible "
+                          f"by {what}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Cheap consistency checks before anything compiles; errors name the config keys (the batch
+  against the mesh: `check_batch_fits_mesh`)."""
   tasks = list(config.model.heads.tasks)
   task_lib.get_all(tasks, "config.model.heads.tasks")
   grid = config.model.image.image_size // config.model.image.patch_size
@@ -74,9 +96,19 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   if config.tokenizer.context_length != config.model.text.context_length:
     raise cli.UserError(f"config.tokenizer.context_length {config.tokenizer.context_length} differs "
                      f"from config.model.text.context_length {config.model.text.context_length}")
-  if config.global_batch_size % num_devices:
-    raise cli.UserError(f"config.global_batch_size {config.global_batch_size} is not divisible by "
-                     f"the {num_devices} devices")
+  missing = sorted(set(tasks) - set(config.loss.weights))
+  if missing:
+    raise cli.UserError(f"config.loss.weights: no weight for the tasks {missing} of "
+                        f"config.model.heads.tasks; found weights for {sorted(config.loss.weights)}")
+  for task in task_lib.get_all(tasks, "config.model.heads.tasks"):
+    task.validate_config(config)
+  model_init = config.get("model_init")
+  if model_init and not os.path.exists(os.path.expanduser(model_init)):
+    raise cli.UserError(f"config.model_init {model_init}: no such file or folder (expected a "
+                        "Hugging Face CLIP folder, an OpenAI .pt or an open_clip state dict)")
+  if config.get("nonfinite", "stop") not in NONFINITE_POLICIES:
+    raise cli.UserError(f"config.nonfinite: expected one of {list(NONFINITE_POLICIES)}, found "
+                        f"{config.get('nonfinite')!r}")
   for name in ("total_steps", "log_every", "checkpoint_every"):
     if int(config[name]) < 1:
       raise cli.UserError(f"config.{name} must be >= 1, found {config[name]}")
@@ -161,13 +193,12 @@ class Run:
     return state
 
   def restore_or_init(self, checkpointer) -> tuple[dict, dict | None, int]:
-    """(state, data-iterator state or None, step): the newest checkpoint restored into the
-    abstract state's shardings, or a fresh state at step 0."""
-    step = checkpointer.latest_step()
-    if step is None:
+    """(state, data-iterator state or None, step): the newest intact checkpoint restored into
+    the abstract state's shardings, or a fresh state at step 0."""
+    restored = checkpointer.restore_latest(self.abstract_state)
+    if restored is None:
       return self.init_state(), None, 0
-    state, data_state = checkpointer.restore(step, self.abstract_state)
-    return state, data_state, step
+    return restored
 
   # -- batches ---------------------------------------------------------------------------------
 
@@ -216,6 +247,13 @@ class Run:
     return self.train_step.lower(self.abstract_state, self.abstract_batch).compile()
 
 
+def all_finite(tree):
+  """Whether every element of every leaf is finite (one boolean, reduced on device)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 class TrainStep:
   """The jitted train step of a Run, always traced with the activation-sharding context set."""
 
@@ -236,6 +274,12 @@ class TrainStep:
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       metrics["grad_norm"] = optax.tree.norm(grads)
+      # A non-finite loss, gradient or result is never applied: the state stays finite, so no
+      # checkpoint can hold NaNs; the loop skips the step or stops, as config.nonfinite says.
+      finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & all_finite(params)
+      params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                       (params, opt_state), (state["params"], state["opt_state"]))
+      metrics["train/skipped_nonfinite"] = 1.0 - finite.astype(jnp.float32)
       metrics["learning_rate"] = schedule(state["step"])
       metrics["temperature"] = jnp.exp(jnp.minimum(params["logit_scale"],
                                                    losses.MAX_LOGIT_SCALE))
@@ -257,8 +301,9 @@ class TrainStep:
 def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
   """The Run of `config` on `devices` (default: all devices; an AOT check passes a topology's)."""
   devices = jax.devices() if devices is None else list(devices)
-  validate_config(config, len(devices))
+  validate_config(config)
   mesh = build_mesh(config, devices)
+  check_batch_fits_mesh(config, mesh)
   rules = sharding.rules_from_config(config.get("sharding_rules"))
   model = clip.CLIPTeX(config.model)
   abstract_params, param_logical = abstract_params_and_specs(config.model)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import sys
 
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from clipzoo_jax import cli
 from clipzoo_jax import checkpoint as checkpoint_lib
@@ -21,6 +21,7 @@ from clipzoo_jax import optim
 from clipzoo_jax import periodic
 from clipzoo_jax import progress as progress_lib
 from clipzoo_jax import run as run_lib
+from clipzoo_jax import stop_signal
 from clipzoo_jax import tasks as task_lib
 from clipzoo_jax.convert import text_pooling
 from clipzoo_jax.data import loader as loader_lib
@@ -29,19 +30,26 @@ from clipzoo_jax.data import prepare, shards
 log = logging.getLogger(__name__)
 
 
-class PreemptionFlag:
-  """SIGTERM (the preemption notice on TPU VMs and clusters) asks the loop to save and stop."""
+class StopRequest:
+  """SIGTERM (the preemption notice on TPU VMs and clusters) asks the run to save and stop.
 
-  def __init__(self):
-    self.requested = False
-    try:
-      signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not the main thread (e.g. under some test runners)
-      pass
+  Hosts see the signal at different moments, so `agreed` makes them decide together: every
+  `check_every` steps the hosts all-gather their flags and all stop at the same step, where each
+  takes part in the same checkpoint save. The flag is `stop_signal`'s, which tools/train.py
+  installs before anything slow, so a SIGTERM while the run starts is not lost either.
+  """
 
-  def _handler(self, signum, frame):
-    del signum, frame
-    self.requested = True
+  def __init__(self, check_every: int = 1):
+    self.check_every = max(int(check_every), 1)
+    stop_signal.install()
+
+  def agreed(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return stop_signal.requested()
+    if step % self.check_every:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(stop_signal.requested()))
+    return bool(np.max(flags))
 
 
 def make_pipeline(config: ml_collections.ConfigDict, workdir: str) -> loader_lib.InputPipeline:
@@ -73,6 +81,8 @@ class Loop:
   checkpointer: checkpoint_lib.Checkpointer
   writer: metrics_lib.MetricsWriter
   start: int  # the step the state holds when the loop begins
+  stop: StopRequest
+  evaluators: list
 
 
 def warn_if_schedule_changed(previous, config, step: int) -> None:
@@ -99,18 +109,22 @@ def _check_start(start: int, config) -> bool:
   return start < config.total_steps
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) in `workdir`; returns the last logged metrics row."""
-  run = run_lib.setup(config)
+def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+  """Trains (or resumes) in `workdir` on `devices` (default: all); returns the last logged
+  metrics row. Everything that can be checked without compiling or reading data is checked
+  first."""
+  stop = StopRequest(config.get("preemption_check_every", 1))
+  run = run_lib.setup(config, devices)
+  log.info("mesh %s", dict(run.mesh.shape))
   previous = (checkpoint_lib.load_config(workdir)
               if os.path.exists(os.path.join(workdir, checkpoint_lib.CONFIG_NAME)) else None)
-  log.info("mesh %s", dict(run.mesh.shape))
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.get("keep_checkpoints", 3),
                                              config.get("async_checkpointing", True))
   latest = checkpointer.latest_step()
   if latest is not None and not _check_start(latest, config):
     checkpointer.close()
     return {}
+  evaluators = build_evaluators(config, run, workdir)
   checkpoint_lib.save_config(workdir, config)
   pipeline = make_pipeline(config, workdir)
   state, data_state, start = run.restore_or_init(checkpointer)
@@ -121,17 +135,58 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       warn_if_schedule_changed(previous, config, start)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   try:
-    return run_loop(Loop(workdir, run, pipeline, checkpointer, writer, start), state)
+    return run_loop(Loop(workdir, run, pipeline, checkpointer, writer, start, stop, evaluators),
+                    state)
+  except BaseException:
+    finish_saves_quietly(checkpointer)  # so the real error is the last thing printed
+    raise
   finally:
     writer.close()
 
 
+def build_evaluators(config, run, workdir: str) -> list:
+  """The evaluators of `config.evals` (none when it is empty)."""
+  if not config.get("evals"):
+    return []
+  from clipzoo_jax import evals  # pylint: disable=import-outside-toplevel
+  return evals.build_evaluators(config, run, workdir)
+
+
+def finish_saves_quietly(checkpointer) -> None:
+  """After an error in the loop: let an in-flight save finish (or fail) and close the manager,
+  logging, never raising, so the loop's own error is what the user reads."""
+  try:
+    checkpointer.wait()
+    checkpointer.close()
+  except Exception as error:  # noqa: BLE001
+    log.error("the in-flight checkpoint save failed too: %s", error)
+
+
 def interval_mean(step_metrics: list[dict]) -> dict:
-  """Mean of each metric over the steps since the last log row (learning rate: the last one)."""
+  """Each metric since the last log row: the mean over the applied (finite) steps, the number
+  of skipped steps, and the last learning rate."""
   fetched = jax.device_get(step_metrics)
-  mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+  applied = [m for m in fetched if not m["train/skipped_nonfinite"]] or fetched
+  mean = {k: float(np.mean([m[k] for m in applied])) for k in fetched[-1]}
+  mean["train/skipped_nonfinite"] = float(sum(m["train/skipped_nonfinite"] for m in fetched))
   mean["learning_rate"] = float(fetched[-1]["learning_rate"])
   return mean
+
+
+class NonFiniteError(cli.UserError, FloatingPointError):
+  """config.nonfinite='stop' and a step had a non-finite loss, gradient or update."""
+
+
+def check_finite(step: int, metrics: dict) -> None:
+  """Raises NonFiniteError naming the step and its non-finite values (the update of that step
+  was not applied, so every checkpoint so far is finite)."""
+  fetched = jax.device_get(metrics)
+  if not fetched["train/skipped_nonfinite"]:
+    return
+  bad = sorted(k for k, v in fetched.items() if not np.isfinite(v)) or ["the updated parameters"]
+  raise NonFiniteError(f"step {step}: non-finite {', '.join(bad)}; the step was not applied and "
+                       "the run stops (config.nonfinite='stop'; 'skip' goes on without such "
+                       "steps). Lower optim.learning_rate, or resume from the last checkpoint")
 
 
 def run_loop(loop: Loop, state) -> dict:
@@ -139,26 +194,30 @@ def run_loop(loop: Loop, state) -> dict:
   total = config.total_steps
   log_due = periodic.Every(config.log_every, at_first=True)
   checkpoint_due = periodic.Every(config.checkpoint_every)
+  stop_on_nonfinite = config.get("nonfinite", "stop") == "stop"
   progress = progress_lib.Progress(total, loop.start, config.global_batch_size)
-  preemption = PreemptionFlag()
   iterator = iter(loop.pipeline)
-  row, pending = {}, []
+  row, pending, previous = {}, [], None
   for step in range(loop.start + 1, total + 1):
     batch = loop.run.global_batch(next(iterator))
     state, step_metrics = loop.run.train_step(state, batch)
     pending.append(step_metrics)  # device arrays: fetched only when logging
-    # read once: a signal landing mid-step waits for the next
-    moment = periodic.Moment(step, total, loop.start + 1, stopping=preemption.requested)
+    if stop_on_nonfinite and previous is not None:
+      check_finite(step - 1, previous)  # one step behind: the device runs ahead meanwhile
+    previous = step_metrics
+    moment = periodic.Moment(step, total, loop.start + 1, stopping=loop.stop.agreed(step))
+    if stop_on_nonfinite and (moment.stopping or moment.is_last or checkpoint_due.due(moment)):
+      check_finite(step, step_metrics)
     if log_due.due(moment):
       rate, eta = progress.tick(step)
       row = loop.writer.write(step, {**interval_mean(pending), "examples_per_sec": rate,
                                      **loop.pipeline.counters()})
       pending = []
-      if not np.isfinite(row["loss"]):
-        raise FloatingPointError(f"step {step}: mean loss since the last row is {row['loss']}; "
-                                 "stopping (the last checkpoint may predate the divergence)")
       if jax.process_index() == 0:
         print(progress_lib.Progress.line(step, total, row, rate, eta), flush=True)
+    for evaluator in loop.evaluators:
+      if evaluator.every.due(moment):
+        row = loop.writer.write(step, dict(evaluator.run(state["params"])))
     if checkpoint_due.due(moment):
       loop.checkpointer.save(step, state, loop.pipeline.get_state())
     loop.writer.flush()

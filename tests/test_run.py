@@ -62,7 +62,7 @@ def test_full_config_builds_optimizer_and_abstract_state(name, config):
 
 def test_train_step_compiles_from_the_config_alone(tmp_path):
   """No data directory, no state: jit(...).lower(abstract_state, abstract_batch).compile()."""
-  config = config_base.demo_config(list(task_lib.names()))
+  config = helpers.tiny_config()
   config.data.directory = str(tmp_path / "does_not_exist")
   built = run.setup(config)
   compiled = built.compile()

@@ -59,12 +59,13 @@ def test_the_training_tool_reports_a_config_error_in_one_line(tmp_path):
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  command = [sys.executable, os.path.join(root, "tools", "train.py"), "--config=configs/demo.py",
+  command = [sys.executable, os.path.join(root, "tools", "train.py"), "--config=configs/demo.py:evals=none",
              f"--workdir={tmp_path}", "--config.global_batch_size=7"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
   assert result.returncode == 1
-  assert "error: config.global_batch_size 7 is not divisible by the 8 devices" in result.stderr
+  assert ("error: config.global_batch_size 7 is not divisible by the data-parallel size 8"
+          in result.stderr)
   assert "Traceback" not in result.stderr + result.stdout
   debug = subprocess.run(command + ["--debug"], cwd=root, env=env, capture_output=True, text=True)
   assert debug.returncode == 1 and "Traceback" in debug.stderr

@@ -33,12 +33,12 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _command(workdir, *flags, config="configs/demo.py"):
+def _command(workdir, *flags, config="configs/demo.py:evals=none"):
   return [sys.executable, os.path.join(ROOT, "tools", "train.py"), f"--config={config}",
           f"--workdir={workdir}", "--config.data.toyworld.num_examples=512", *flags]
 
 
-def _train(workdir, *flags, devices=8, config="configs/demo.py"):
+def _train(workdir, *flags, devices=8, config="configs/demo.py:evals=none"):
   result = subprocess.run(_command(workdir, *flags, config=config), env=_env(devices), cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -84,7 +84,7 @@ def test_demo_loss_falls_resumes_and_first_step_matches_one_device(tmp_path):
 
 def test_preempted_run_resumes_to_the_same_losses(tmp_path):
   flags = ["--config.total_steps=30", "--config.log_every=1", "--config.checkpoint_every=1000"]
-  config = "configs/demo.py:runlocal"
+  config = "configs/demo.py:runlocal,evals=none"
   straight = str(tmp_path / "straight")
   _train(straight, *flags, config=config)
 
@@ -112,56 +112,84 @@ def test_preempted_run_resumes_to_the_same_losses(tmp_path):
 
 
 def test_run_killed_between_checkpoints_keeps_one_row_per_step(tmp_path):
-  """SIGKILL after the step-50 checkpoint but before step 100: the rerun redoes steps 51.., and
+  """SIGKILL after the step-30 checkpoint but before step 60: the rerun redoes steps 31.., and
   metrics.jsonl, TensorBoard and the loss plot's data all hold each step exactly once."""
   from clipzoo_jax import plots
   from tests import helpers
-  flags = ["--config.total_steps=200", "--config.log_every=1", "--config.checkpoint_every=50"]
-  config = "configs/demo.py:runlocal"
+  flags = ["--config.total_steps=100", "--config.log_every=1", "--config.checkpoint_every=30"]
+  config = "configs/demo.py:runlocal,evals=none"
   workdir = str(tmp_path / "killed")
   process = subprocess.Popen(_command(workdir, *flags, config=config), env=_env(8), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and process.poll() is None:
-    if (os.path.isdir(os.path.join(workdir, "checkpoints", "50"))
-        and len(open(metrics).readlines()) >= 60):
+    if (os.path.isdir(os.path.join(workdir, "checkpoints", "30"))
+        and len(open(metrics).readlines()) >= 40):
       break
     time.sleep(0.01)
   process.kill()
   process.wait(timeout=60)
   logged = [row["step"] for row in _rows(workdir)]
-  assert 50 in _checkpoint_steps(workdir) and max(logged) < 200, (logged[-1], process.returncode)
-  assert max(logged) > 50  # rows past the checkpoint exist and will be redone
+  assert 30 in _checkpoint_steps(workdir) and max(logged) < 100, (logged[-1], process.returncode)
+  assert max(logged) > 30  # rows past the checkpoint exist and will be redone
 
   _train(workdir, *flags, config=config)
   rows = _rows(workdir)
-  assert [row["step"] for row in rows] == list(range(1, 201))
+  assert [row["step"] for row in rows] == list(range(1, 101))
   helpers.assert_tensorboard_matches_file(workdir)
   steps, values = plots.loss_series(workdir)["loss"]
-  assert steps == list(range(1, 201)) and values == [row["loss"] for row in rows]
+  assert steps == list(range(1, 101)) and values == [row["loss"] for row in rows]
   assert os.path.getsize(os.path.join(workdir, "loss.png")) > 1000
 
 
-def test_two_process_run_then_resume_in_one_process(tmp_path):
-  """Real multi-host: two JAX processes on localhost (4 CPU devices each) train together, and a
-  single 8-device process resumes their checkpoint."""
+def _free_port():
   import socket
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  workdir = str(tmp_path / "multi")
-  flags = ["--config.total_steps=4", "--config.log_every=1", "--config.checkpoint_every=4",
-           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-  processes = [subprocess.Popen(_command(workdir, *flags, f"--process_id={i}"), env=_env(4),
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in processes]
-  for process, output in zip(processes, outputs):
-    assert process.returncode == 0, output[-3000:]
-  rows = _rows(workdir)
-  assert [r["step"] for r in rows] == [1, 2, 3, 4]  # only process 0 writes metrics
-  assert "step 4/4" in outputs[0] and "step 4/4" not in outputs[1]
-  assert _checkpoint_steps(workdir) == [4]
-  _train(workdir, "--config.total_steps=6", "--config.log_every=1", devices=8)
-  assert [r["step"] for r in _rows(workdir)][4:] == [5, 6]
+    return s.getsockname()[1]
+
+
+def test_two_processes_stop_together_on_one_sigterm_then_resume_in_one_process(tmp_path):
+  """Real multi-host: two JAX processes on localhost (4 CPU devices each) train together, only
+  process 0 writing metrics. A preemption notice seen by one host only must stop both at the same
+  step, saved together, exit 0; one 8-device process then resumes their checkpoint, losing and
+  repeating no step."""
+  workdir = str(tmp_path / "pair")
+  flags = ["--config.total_steps=300", "--config.log_every=1", "--config.checkpoint_every=1000",
+           f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
+  config = "configs/demo.py:runlocal,evals=none"
+  processes = [subprocess.Popen(_command(workdir, *flags, f"--process_id={i}", config=config),
+                                env=_env(4), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and processes[0].poll() is None:
+    if os.path.exists(metrics) and len(open(metrics).readlines()) >= 5:
+      break
+    time.sleep(0.05)
+  processes[1].send_signal(signal.SIGTERM)  # only the second host is told
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+  stopped = _checkpoint_steps(workdir)
+  assert len(stopped) == 1 and 5 <= stopped[0] < 300, stopped
+  assert "SIGTERM: saved step %d" % stopped[0] in outputs[0] + outputs[1]
+  assert "step %d/300" % stopped[0] in outputs[0] and "step %d/300" % stopped[0] not in outputs[1]
+  assert [r["step"] for r in _rows(workdir)] == list(range(1, stopped[0] + 1))
+
+  _train(workdir, "--config.total_steps=%d" % (stopped[0] + 3), "--config.log_every=1",
+         config=config, devices=8)
+  assert [r["step"] for r in _rows(workdir)] == list(range(1, stopped[0] + 4))
+
+
+def test_sigterm_while_the_run_starts_saves_and_exits_zero(tmp_path):
+  workdir = str(tmp_path / "early")
+  process = subprocess.Popen(_command(workdir, "--config.total_steps=50",
+                                      config="configs/demo.py:runlocal,evals=none"),
+                             env=_env(8), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  time.sleep(2.0)  # importing JAX and TensorFlow: long before the first step
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=300)
+  assert process.returncode == 0, output[-3000:]
+  assert _checkpoint_steps(workdir) == [1]

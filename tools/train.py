@@ -11,10 +11,17 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from clipzoo_jax import stop_signal  # noqa: E402
+
+stop_signal.install()  # before the slow imports: a SIGTERM while starting still saves, exits 0
+
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from clipzoo_jax import cli  # noqa: E402
+from clipzoo_jax import config_args  # noqa: E402
+
+config_args.allow_list_overrides()
 
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with :args.",
                                 lock_config=False)

@@ -92,6 +92,9 @@ class Task:
     """Plausible random labels for every field of `batch_fields` (benchmarks, compile checks)."""
     raise NotImplementedError
 
+  def validate_config(self, config) -> None:
+    """Raises cli.UserError, naming the key, for this task's config options (before compiling)."""
+
   def check_dataset(self, manifest_entry: Mapping, model_config, where: str) -> None:
     """Raises when the dataset's labels of this task cannot train the model's head (e.g. more
     classes than the head has); `manifest_entry` is `manifest["tasks"][name]`."""

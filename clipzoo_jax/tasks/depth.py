@@ -84,11 +84,13 @@ class Depth(base.Task):
   def heads(self, model_config):
     return (base.HeadSpec("depth_head", 1, (base.OutputSlice("depth", 0),)),)
 
-  def loss(self, outputs, batch, loss_config):
-    kind = loss_config.get("depth", "ssi")
-    loss_fn = {"ssi": depth_ssi_loss, "silog": depth_silog_loss}.get(kind)
-    if loss_fn is None:
+  def validate_config(self, config):
+    kind = config.loss.get("depth", "ssi")
+    if kind not in LOSS_KINDS:
       raise cli.UserError(f"config.loss.depth: expected one of {list(LOSS_KINDS)}, found {kind!r}")
+
+  def loss(self, outputs, batch, loss_config):
+    loss_fn = {"ssi": depth_ssi_loss, "silog": depth_silog_loss}[loss_config.get("depth", "ssi")]
     return loss_fn(outputs["depth"], batch["depth"], batch["depth_mask"])
 
   def resize_labels(self, labels, size):
