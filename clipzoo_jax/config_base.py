@@ -40,8 +40,13 @@ def base_config() -> ml_collections.ConfigDict:
 def data_config(directory: str, image_size: int, label_size: int) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       directory=directory, image_size=image_size, label_size=label_size, max_boxes=16,
-      shuffle_buffer=2048, crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3),
-      min_box_area_fraction=0.25,
+      crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), min_box_area_fraction=0.25,
+      color_jitter=0.0,
+      # the input pipeline (clipzoo_jax/data/pipelines.py): "grain" (random access, worker
+      # processes, constant-time resume) or "tfdata" (the earlier tf.data reader)
+      loader="grain", num_workers=2, worker_buffer=2, threads=2, max_bad_fraction=0.001,
+      shuffle_buffer=2048,  # tfdata only
+      sources=ml_collections.ConfigDict(),  # mixture: name -> {directory, weight}
       toyworld=ml_collections.ConfigDict(dict(num_examples=2048, size=64, num_shards=8, seed=0))))
 
 

@@ -227,7 +227,7 @@ class Run:
     rng = np.random.default_rng([seed, jax.process_index()])
     size = config.global_batch_size // jax.process_count()
     local = lambda name: (size, *self.abstract_batch[name].shape[1:])
-    batch = {"image": rng.normal(size=local("image")).astype(np.float32),
+    batch = {"image": rng.integers(0, 256, local("image")).astype(np.uint8),
              "tokens": rng.integers(1, config.model.text.vocab_size - 1,
                                     local("tokens")).astype(np.int32)}
     for task in task_lib.get_all(task_lib.canonical_order(config.model.heads.tasks)):

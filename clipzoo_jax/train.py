@@ -24,8 +24,7 @@ from clipzoo_jax import run as run_lib
 from clipzoo_jax import stop_signal
 from clipzoo_jax import tasks as task_lib
 from clipzoo_jax.convert import text_pooling
-from clipzoo_jax.data import loader as loader_lib
-from clipzoo_jax.data import prepare, shards
+from clipzoo_jax.data import pipelines, prepare, shards
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ class StopRequest:
     return bool(np.max(flags))
 
 
-def make_pipeline(config: ml_collections.ConfigDict, workdir: str) -> loader_lib.InputPipeline:
+def make_pipeline(config: ml_collections.ConfigDict, workdir: str) -> pipelines.Pipeline:
   """The training input of this process: data and tokenizer made to exist, then the loader."""
   dataset_dir = prepare.prepare_dataset(config.data, workdir)
   task_lib.check_dataset(config.model.heads.tasks, shards.read_manifest(dataset_dir),
@@ -67,9 +66,11 @@ def make_pipeline(config: ml_collections.ConfigDict, workdir: str) -> loader_lib
                              prepare.resolve_path(config.tokenizer.directory, workdir)))
   data_config = ml_collections.ConfigDict(config.data.to_dict())
   data_config.directory = dataset_dir
-  return loader_lib.InputPipeline(
-      data_config, tokenizer, config.global_batch_size, tuple(config.model.heads.tasks),
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  for name, source in dict(data_config.get("sources") or {}).items():
+    data_config.sources[name].directory = prepare.resolve_path(source["directory"], workdir)
+  return pipelines.build(data_config, tokenizer, config.global_batch_size,
+                         tuple(config.model.heads.tasks), seed=config.seed,
+                         process_index=jax.process_index(), process_count=jax.process_count())
 
 
 @dataclasses.dataclass
@@ -77,7 +78,7 @@ class Loop:
   """What the loop carries from step to step, besides the state."""
   workdir: str
   run: run_lib.Run
-  pipeline: loader_lib.InputPipeline
+  pipeline: pipelines.Pipeline
   checkpointer: checkpoint_lib.Checkpointer
   writer: metrics_lib.MetricsWriter
   start: int  # the step the state holds when the loop begins
@@ -142,6 +143,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
     raise
   finally:
     writer.close()
+    pipeline.close()  # stops the loader's worker processes
 
 
 def build_evaluators(config, run, workdir: str) -> list:

@@ -260,3 +260,69 @@ def test_options_validation_names_the_field():
     augment.AugmentOptions(image_size=8, label_size=4, crop_scale=(0.5, 1.5))
   with pytest.raises(ValueError, match="crop_ratio"):
     augment.AugmentOptions(image_size=8, label_size=4, crop_ratio=(0.0, 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The NumPy twins (augment_np, run in the grain loader's workers) against the TF ops above.
+
+
+def test_numpy_random_window_respects_scale_and_ratio_and_is_seeded_by_position():
+  from clipzoo_jax.data import augment_np
+  scale, ratio = (0.3, 0.9), (0.6, 1.5)
+  areas, aspects = [], []
+  for position in range(200):
+    window = augment_np.random_crop_window(augment_np.example_rng(11, position), (60, 80),
+                                           scale, ratio)
+    again = augment_np.random_crop_window(augment_np.example_rng(11, position), (60, 80),
+                                          scale, ratio)
+    np.testing.assert_array_equal(window, again)
+    y0, x0, h, w = window
+    assert 0 <= y0 and y0 + h <= 1 + 1e-9 and 0 <= x0 and x0 + w <= 1 + 1e-9
+    areas.append(h * w)
+    aspects.append((w * 80) / (h * 60))
+  assert scale[0] - 1e-9 <= min(areas) and max(areas) <= scale[1] + 1e-9
+  assert ratio[0] - 1e-9 <= min(aspects) and max(aspects) <= ratio[1] + 1e-9
+  assert np.std(areas) > 0.05
+  fallback = augment_np.random_crop_window(augment_np.example_rng(0), (30, 30), (1.0, 1.0),
+                                           (2.0, 2.0))
+  np.testing.assert_allclose(fallback, [0.25, 0.0, 0.5, 1.0])
+
+
+@pytest.mark.parametrize("in_hw,size,flip", [((12, 16), 8, False), ((7, 9), 5, True),
+                                             ((30, 20), 11, True)])
+def test_numpy_nearest_and_box_transforms_equal_the_tf_ops(in_hw, size, flip):
+  from clipzoo_jax.data import augment_np
+  rng = np.random.default_rng(sum(in_hw) + size)
+  label = rng.integers(0, 50, (*in_hw, 3)).astype(np.int32)
+  boxes = np.sort(rng.uniform(0, 1, (6, 2, 2)), axis=1).transpose(0, 2, 1).reshape(6, 4)
+  boxes = boxes[:, [0, 2, 1, 3]].astype(np.float32)
+  classes, scores = np.arange(6), rng.uniform(size=6).astype(np.float32)
+  options = augment.AugmentOptions(image_size=size, label_size=size, max_boxes=4)
+  for _ in range(5):
+    window = augment_np.snap_window(
+        augment_np.random_crop_window(rng, in_hw, (0.2, 1.0), (0.5, 2.0)), in_hw)
+    tf_window = tf.constant(window, tf.float32)
+    np.testing.assert_array_equal(
+        augment_np.crop_resize_nearest(label, window.astype(np.float32), size, flip),
+        augment.crop_resize_nearest(tf.constant(label), tf_window, size, tf.constant(flip)))
+    ours = augment_np.augment_boxes(boxes, classes, scores, window.astype(np.float32), flip,
+                                    options)
+    theirs = augment.augment_boxes(tf.constant(boxes), tf.constant(classes), tf.constant(scores),
+                                   tf_window, tf.constant(flip), options)
+    np.testing.assert_allclose(ours[0], theirs[0].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(ours[1], theirs[1].numpy())
+
+
+def test_numpy_image_crop_is_the_snapped_pixel_slice_resized_by_pillow():
+  from clipzoo_jax.data import augment_np
+  rng = np.random.default_rng(5)
+  pixels = rng.integers(0, 256, (20, 30, 3)).astype(np.uint8)
+  window = augment_np.snap_window(np.array([0.26, 0.1, 0.5, 0.6]), (20, 30))
+  y0, x0, h, w = augment_np.pixel_box(window, (20, 30))
+  expected = np.asarray(Image.fromarray(pixels[y0:y0 + h, x0:x0 + w]).resize(
+      (12, 12), Image.Resampling.BILINEAR))
+  got = augment_np.crop_resize_image(Image.fromarray(pixels), window, 12, flip=False)
+  np.testing.assert_array_equal(got, expected)
+  np.testing.assert_array_equal(
+      augment_np.crop_resize_image(Image.fromarray(pixels), window, 12, flip=True),
+      expected[:, ::-1])

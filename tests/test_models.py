@@ -100,3 +100,19 @@ def test_variants_parse_to_openai_shapes(variant, width, depth, patch, size):
       width, depth, patch, size)
   with pytest.raises(ValueError, match="SIZE/PATCH"):
     variants.model_config("XL/16")
+
+
+def test_uint8_pixels_are_clip_normalized_on_the_device():
+  """The loader sends uint8 images; the model's output equals feeding the NumPy-normalized
+  float image (OpenAI's mean and std over [0, 1])."""
+  from clipzoo_jax.data.normalization import CLIP_MEAN, CLIP_STD
+  config = helpers.tiny_config(tasks=("seg",))
+  model, params = helpers.init_params(config)
+  rng = np.random.default_rng(3)
+  pixels = rng.integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+  normalized = (pixels / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+  tokens = jnp.asarray(_tokens(config, rng))
+  a = model.apply({"params": params}, jnp.asarray(pixels), tokens)
+  b = model.apply({"params": params}, jnp.asarray(normalized, jnp.float32), tokens)
+  np.testing.assert_allclose(a["image_embedding"], b["image_embedding"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(a["heads"]["seg"], b["heads"]["seg"], rtol=1e-5, atol=1e-5)

@@ -8,40 +8,13 @@ augments the same example the same way.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import tensorflow as tf
 
-from clipzoo_jax import cli
+from clipzoo_jax.data.augment_np import AugmentOptions  # noqa: F401  (re-exported)
 from clipzoo_jax.data.normalization import CLIP_MEAN, CLIP_STD
 _CROP_ATTEMPTS = 10
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentOptions:
-  """Sizes and ranges of the joint augmentation; the loader fills this from the data config."""
-  image_size: int
-  label_size: int
-  max_boxes: int = 16
-  crop_scale: tuple[float, float] = (0.5, 1.0)   # crop area as a fraction of the image area
-  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop width / height, in pixels
-  flip_probability: float = 0.5
-  min_box_area_fraction: float = 0.25
-  antialias: bool = False  # bilinear with a wider kernel when the crop is shrunk (PIL-like)
-
-  def __post_init__(self):
-    lo, hi = self.crop_scale
-    if not 0 < lo <= hi <= 1:
-      raise cli.UserError(f"crop_scale expected 0 < low <= high <= 1, found {self.crop_scale}")
-    lo, hi = self.crop_ratio
-    if not 0 < lo <= hi:
-      raise cli.UserError(f"crop_ratio expected 0 < low <= high, found {self.crop_ratio}")
-    if not 0 <= self.flip_probability <= 1:
-      raise cli.UserError(f"flip_probability expected in [0, 1], found {self.flip_probability}")
-    for name in ("image_size", "label_size", "max_boxes"):
-      if getattr(self, name) <= 0:
-        raise cli.UserError(f"{name} expected > 0, found {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +153,13 @@ def augment_image(image, window, flip, size: int, antialias: bool = False):
   """uint8 (H, W, 3) image to float32 (size, size, 3), cropped, flipped, CLIP-normalized."""
   resized = crop_resize_bilinear(image, window, size, antialias)
   return mirror(clip_normalize(resized), flip)
+
+
+def augment_image_uint8(image, window, flip, size: int, antialias: bool = False):
+  """uint8 (H, W, 3) image to uint8 (size, size, 3), cropped and flipped; the model normalizes
+  uint8 pixels on the device (`models.clip.normalize_pixels`)."""
+  resized = crop_resize_bilinear(image, window, size, antialias)
+  return mirror(tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8), flip)
 
 
 def augment_dense(label, window, flip, size: int):

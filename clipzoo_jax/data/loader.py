@@ -18,46 +18,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from clipzoo_jax import cli
 from clipzoo_jax import tasks as task_lib
-from clipzoo_jax.data import augment, records, shards
+from clipzoo_jax.data import augment, augment_np, records, shards
 
 STATE_VERSION = 1
-_REQUIRED = object()
 _NO_KEY = "<no key>"
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration.
-
-
-def _field(config, name: str, default=_REQUIRED):
-  """A data-config field from a dict or an ml_collections ConfigDict."""
-  value = config.get(name, None) if hasattr(config, "get") else getattr(config, name, None)
-  if value is None:
-    if default is _REQUIRED:
-      raise cli.UserError(f"data config: field {name!r} is required; found fields "
-                       f"{sorted(config.keys()) if hasattr(config, 'keys') else config}")
-    return default
-  return value
-
-
-def _pair(config, name: str, default) -> tuple[float, float]:
-  value = tuple(float(v) for v in _field(config, name, default))
-  if len(value) != 2:
-    raise cli.UserError(f"data config: field {name!r} expected (low, high), found {value}")
-  return value
-
-
-def augment_options(config) -> augment.AugmentOptions:
-  image_size = int(_field(config, "image_size"))
-  return augment.AugmentOptions(
-      image_size=image_size,
-      label_size=int(_field(config, "label_size", image_size)),
-      max_boxes=int(_field(config, "max_boxes", 16)),
-      crop_scale=_pair(config, "crop_scale", (0.5, 1.0)),
-      crop_ratio=_pair(config, "crop_ratio", (3 / 4, 4 / 3)),
-      flip_probability=float(_field(config, "flip_probability", 0.5)),
-      min_box_area_fraction=float(_field(config, "min_box_area_fraction", 0.25)),
-      antialias=bool(_field(config, "antialias", False)))
+_field = augment_np.field
+augment_options = augment_np.augment_options  # the evaluators' preprocessing reads it from here
 
 
 def _derived_seed(*parts: int) -> int:
@@ -89,8 +55,8 @@ def decode_and_augment(serialized, seed, tasks: Sequence[str], options: augment.
   image = tf.io.decode_jpeg(parsed["image/encoded"], channels=3, dct_method="INTEGER_ACCURATE")
   window, flip = augment.sample_window_and_flip(seed, tf.shape(image)[:2], options, train)
   out = {"key": parsed["key"], "text": parsed["text"],
-         "image": augment.augment_image(image, window, flip, options.image_size,
-                                        options.antialias)}
+         "image": augment.augment_image_uint8(image, window, flip, options.image_size,
+                                              options.antialias)}
   for task in task_lib.get_all(tasks):
     out.update(task.decode(parsed, window, flip, options))
   return out
@@ -278,6 +244,9 @@ class InputPipeline:
 
   def set_state(self, state: Mapping) -> None:
     """Continues from `state`. Exact when the seed, batch size and process count are the same."""
+    if state.get("loader", "tfdata") != "tfdata":
+      raise cli.UserError(f"the checkpoint's data state is from the {state.get('loader')!r} "
+                          "loader; set config.data.loader to it to resume this run")
     if int(state["seed"]) != self.seed:
       raise ValueError(f"data state seed {state['seed']} does not match the pipeline seed "
                        f"{self.seed}; build the pipeline with the seed of the run it resumes")
@@ -292,6 +261,9 @@ class InputPipeline:
                       "the same stream", state["global_batch_size"], state["process_count"],
                       self.global_batch_size, self.process_count)
     self._batches = batches
+    self._iterator = None
+
+  def close(self) -> None:
     self._iterator = None
 
 

@@ -299,3 +299,25 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, directory: str,
                         source=directory)
   tokenizer.save_pretrained(directory)
   return Tokenizer.from_pretrained(directory, context_length)
+
+
+class WordHashTokenizer:
+  """A stand-in for a trained tokenizer in tests and loader benchmarks: whitespace words hashed
+  (crc32, stable across processes) into `vocab_size` ids, 0-padded to `context_length`. Light to
+  import and to pickle into loader worker processes."""
+
+  pad_token_id = PAD_TOKEN_ID
+
+  def __init__(self, context_length: int = 6, vocab_size: int = 997):
+    self.context_length, self.vocab_size = int(context_length), int(vocab_size)
+
+  def encode(self, texts: Sequence[str] | str) -> np.ndarray:
+    import zlib  # pylint: disable=import-outside-toplevel
+    if isinstance(texts, str):
+      texts = [texts]
+    out = np.zeros((len(texts), self.context_length), np.int32)
+    for row, text in enumerate(texts):
+      ids = [zlib.crc32(w.encode()) % (self.vocab_size - 1) + 1
+             for w in text.split()][:self.context_length]
+      out[row, :len(ids)] = ids
+    return out

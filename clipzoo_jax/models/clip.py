@@ -10,6 +10,7 @@ import ml_collections
 
 from clipzoo_jax import cli
 from clipzoo_jax import tasks as task_lib
+from clipzoo_jax.data.normalization import CLIP_MEAN, CLIP_STD
 from clipzoo_jax.models import heads as heads_lib
 from clipzoo_jax.models import text as text_lib
 from clipzoo_jax.models import vit
@@ -21,6 +22,16 @@ def compute_dtype(name: str):
   if name not in DTYPES:
     raise cli.UserError(f"model.dtype: expected one of {sorted(DTYPES)}, found {name!r}")
   return DTYPES[name]
+
+
+def normalize_pixels(images):
+  """uint8 RGB pixels (the loader's batches travel to the device as uint8: a quarter of the bytes
+  of float32) to CLIP-normalized float32; float images are taken as already normalized."""
+  if images.dtype != jnp.uint8:
+    return images
+  mean = jnp.asarray(CLIP_MEAN, jnp.float32) * 255.0
+  inverse_std = 1.0 / (jnp.asarray(CLIP_STD, jnp.float32) * 255.0)
+  return (images.astype(jnp.float32) - mean) * inverse_std
 
 
 class CLIPTeX(nn.Module):
@@ -53,13 +64,13 @@ class CLIPTeX(nn.Module):
 
   def encode_image(self, images):
     """-> (unnormalized embedding (B, E), patch tokens (B, g, g, D))."""
-    return self.img(images)
+    return self.img(normalize_pixels(images))
 
   def encode_text(self, tokens):
     return self.txt(tokens)
 
   def __call__(self, images, tokens):
-    image_embedding, patches = self.img(images)
+    image_embedding, patches = self.img(normalize_pixels(images))
     out = {
         "image_embedding": image_embedding.astype(jnp.float32),
         "text_embedding": self.txt(tokens).astype(jnp.float32),

@@ -25,7 +25,7 @@ def batch_fields(task_names: Sequence[str], label_size: int, max_boxes: int,
                  model_config) -> dict[str, Field]:
   """The batch contract: image and tokens, then each task's labels and mask (per example)."""
   image_size = int(model_config.image.image_size)
-  fields = {"image": Field((image_size, image_size, 3), np.float32),
+  fields = {"image": Field((image_size, image_size, 3), np.uint8),
             "tokens": Field((int(model_config.text.context_length),), np.int32)}
   for task in get_all(canonical_order(task_names), "model.heads.tasks"):
     fields.update(task.batch_fields(label_size, max_boxes, model_config))

@@ -110,6 +110,12 @@ class Task:
     and flip as the image (`augment.sample_window_and_flip`)."""
     raise NotImplementedError
 
+  def decode_numpy(self, features: Mapping, window, flip: bool, options, image_hw) -> dict:
+    """The NumPy twin of `decode` for the grain loader's workers: `features` is a parsed record
+    (`data/example_proto.parse`), window and flip come from `augment_np.sample_window_and_flip`.
+    An absent label gives the task's empty label and a 0 mask; a broken one raises ValueError."""
+    raise NotImplementedError
+
   # -- model and loss ------------------------------------------------------------------------------
 
   def heads(self, model_config) -> tuple[HeadSpec, ...]:

@@ -81,6 +81,22 @@ class Depth(base.Task):
     depth = tf.cast(steps, tf.float32) * parsed["depth/scale"]
     return {"depth": tf.where(present, depth, 0.0), "depth_mask": tf.cast(present, tf.float32)}
 
+  def decode_numpy(self, features, window, flip, options, image_hw):
+    from clipzoo_jax.data import augment_np
+    size = options.label_size
+    if not features.get("depth/encoded"):
+      return {"depth": np.zeros((size, size), np.float32), "depth_mask": np.float32(0.0)}
+    stored = augment_np.decode_png(features["depth/encoded"][0], "depth", 1)
+    if stored.dtype != np.uint16:
+      raise ValueError(f"depth label is a {stored.dtype} PNG; expected 16-bit depth steps")
+    scale = features.get("depth/scale") or []
+    if len(scale) != 1 or not np.isfinite(scale[0]) or scale[0] <= 0:
+      raise ValueError(f"depth/scale expected one positive number, found {list(scale)}")
+    augment_np.check_label_shape("depth", stored.shape, image_hw)
+    steps = augment_np.crop_resize_nearest(stored, window, size, flip)
+    return {"depth": steps.astype(np.float32) * np.float32(scale[0]),
+            "depth_mask": np.float32(1.0)}
+
   def heads(self, model_config):
     return (base.HeadSpec("depth_head", 1, (base.OutputSlice("depth", 0),)),)
 

@@ -120,6 +120,23 @@ class Detection(base.Task):
     out["det_mask"] = tf.cast(present, tf.float32)
     return out
 
+  def decode_numpy(self, features, window, flip, options, image_hw):
+    from clipzoo_jax.data import augment_np
+    classes = np.asarray(features.get("det/classes", []), np.int64)
+    boxes = np.asarray(features.get("det/boxes", []), np.float32)
+    scores = np.asarray(features.get("det/scores", []), np.float32)
+    if boxes.size != 4 * classes.size or scores.size != classes.size:
+      raise ValueError(f"det/boxes has {boxes.size} numbers, det/classes {classes.size}, "
+                       f"det/scores {scores.size}; expected 4 numbers, one class and one score "
+                       "per box")
+    out = {}
+    out["det_boxes"], out["det_classes"] = augment_np.augment_boxes(
+        boxes, classes, scores, window, flip, options)
+    # det/count marks a label with zero boxes; older records only show presence by their boxes.
+    present = features.get("det/count", [-1])[0] >= 0 or classes.size > 0
+    out["det_mask"] = np.float32(present)
+    return out
+
   def heads(self, model_config):
     classes = int(model_config.heads.num_det_classes)
     prior = -math.log((1 - DET_HEATMAP_PRIOR) / DET_HEATMAP_PRIOR)

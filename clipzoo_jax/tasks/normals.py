@@ -50,6 +50,19 @@ class Normals(base.Task):
     return {"normals": tf.where(present, normals, 0.0),
             "normals_mask": tf.cast(present, tf.float32)}
 
+  def decode_numpy(self, features, window, flip, options, image_hw):
+    from clipzoo_jax.data import augment_np
+    size = options.label_size
+    if not features.get("normals/encoded"):
+      return {"normals": np.zeros((size, size, 3), np.float32), "normals_mask": np.float32(0.0)}
+    stored = augment_np.decode_png(features["normals/encoded"][0], "normals", 3)
+    augment_np.check_label_shape("normals", stored.shape[:2], image_hw)
+    pixels = augment_np.crop_resize_nearest(stored, window, size, flip)
+    valid = (pixels != 0).any(axis=-1, keepdims=True)
+    xyz = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    normals = augment_np.mirror_normals(np.where(valid, augment_np.unit_normals(xyz), 0.0), flip)
+    return {"normals": normals.astype(np.float32), "normals_mask": np.float32(1.0)}
+
   def heads(self, model_config):
     return (base.HeadSpec("normals_head", 3,
                           (base.OutputSlice("normals", 0, 3, unit_norm=True),)),)

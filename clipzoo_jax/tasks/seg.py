@@ -51,6 +51,17 @@ class Segmentation(base.Task):
     classes = tf.where(steps == records.SEG_IGNORE_U16, -1, classes)
     return {"seg": tf.where(present, classes, -1), "seg_mask": tf.cast(present, tf.float32)}
 
+  def decode_numpy(self, features, window, flip, options, image_hw):
+    from clipzoo_jax.data import augment_np, records
+    size = options.label_size
+    if not features.get("seg/encoded"):
+      return {"seg": np.full((size, size), -1, np.int32), "seg_mask": np.float32(0.0)}
+    stored = augment_np.decode_png(features["seg/encoded"][0], "seg", 1)
+    augment_np.check_label_shape("seg", stored.shape, image_hw)
+    ignore = records.SEG_IGNORE_U8 if stored.dtype == np.uint8 else records.SEG_IGNORE_U16
+    steps = augment_np.crop_resize_nearest(stored, window, size, flip).astype(np.int32)
+    return {"seg": np.where(steps == ignore, -1, steps), "seg_mask": np.float32(1.0)}
+
   def heads(self, model_config):
     classes = int(model_config.heads.num_seg_classes)
     return (base.HeadSpec("seg_head", classes, (base.OutputSlice("seg", 0, classes),)),)
