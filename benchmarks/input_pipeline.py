@@ -89,6 +89,27 @@ def resume_rows(directory, args) -> list[dict]:
   return rows
 
 
+def tokenization_rows(args) -> list[dict]:
+  """A real CLIP BPE (trained on synthetic captions): per-example cost batched on the main
+  thread (the tf.data loader) vs one caption at a time (the grain workers)."""
+  from clipzoo_jax.data import toyworld, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  captions = [toyworld.render_scene(0, index, 32).caption for index in range(256)]
+  with tempfile.TemporaryDirectory() as directory:
+    bpe = tokenizer_lib.train_tokenizer(captions, 2048, directory)
+  start = time.perf_counter()
+  for first in range(0, len(captions), args.batch):
+    bpe.encode(captions[first:first + args.batch])
+  batched = (time.perf_counter() - start) / len(captions)
+  start = time.perf_counter()
+  for caption in captions:
+    bpe.encode([caption])
+  single = (time.perf_counter() - start) / len(captions)
+  return [{"case": f"tokenize, batches of {args.batch} (main thread)",
+           "us_per_example": round(1e6 * batched, 1)},
+          {"case": "tokenize, one caption per call (in the workers)",
+           "us_per_example": round(1e6 * single, 1)}]
+
+
 def step_wait_row(args) -> dict:
   """The demo's real train step fed by the grain loader: share of step time spent in next()."""
   from clipzoo_jax import run as run_lib, train  # pylint: disable=import-outside-toplevel
@@ -127,18 +148,20 @@ def main(argv=None) -> None:
       rows += throughput_rows(directory, label_px, args)
       if label_px == 224:
         rows += resume_rows(directory, args)
+  rows += tokenization_rows(args)
   rows.append(step_wait_row(args))
   result = {"benchmark": "input_pipeline", "cpus": os.cpu_count(),
             "load_average": os.getloadavg(), "python": platform.python_version(), "rows": rows}
   os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
   with open(RESULTS, "w") as f:
     json.dump(result, f, indent=1)
-  print(f"{'case':<52} {'ex/s':>8} {'CPU ms/ex':>10} {'seconds':>8} {'wait share':>10}")
+  print(f"{'case':<52} {'ex/s':>8} {'CPU ms/ex':>10} {'seconds':>8} {'wait share':>10} "
+        f"{'us/ex':>7}")
   for row in rows:
     print(f"{row['case']:<52} {row.get('examples_per_s', ''):>8} "
           f"{row.get('cpu_ms_per_example_main_process', ''):>10} "
           f"{row.get('seconds_to_first_batch', row.get('step_s', '')):>8} "
-          f"{row.get('waiting_share', ''):>10}")
+          f"{row.get('waiting_share', ''):>10} {row.get('us_per_example', ''):>7}")
   print(f"({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; written to {RESULTS})")
 
 

@@ -193,12 +193,43 @@ def test_resume_deep_into_a_run_reads_only_the_next_batch(ten_dir, monkeypatch):
   assert resumed_keys == expected and resumed.counters()["data/epoch"] == 101 * 5 / 10
 
 
-def test_resume_refuses_another_layout_and_another_loader(ten_dir):
+def test_resume_after_a_layout_change_continues_at_the_first_unread_example(ten_dir, caplog):
+  """Saved at global batch 4 on one process after 3 batches (12 examples); resumed on two
+  processes at global batch 6: the global stream continues at example 12, same augmentation;
+  and an exact resume of the new layout keeps that offset."""
+  saved = _pipeline(ten_dir)
+  _take(saved, 3)
+  state = json.loads(json.dumps(saved.get_state()))
+  stream, stream_keys = _take(_pipeline(ten_dir, batch=1), 24)
+  resumed = [_pipeline(ten_dir, batch=6, index=i, count=2) for i in range(2)]
+  with caplog.at_level(logging.WARNING):
+    for pipeline in resumed:
+      pipeline.set_state(state)
+  assert "Continuing the global stream at example 12" in caplog.text
+  first = [_take(pipeline, 1) for pipeline in resumed]
+  # each process's state after one batch, as the collective get_state gathers them
+  new_state = resumed[0].get_state()
+  new_state["processes"] = [p.get_state()["processes"][i] for i, p in enumerate(resumed)]
+  new_state = json.loads(json.dumps(new_state))
+  second = [_take(pipeline, 1) for pipeline in resumed]
+  restored = [_pipeline(ten_dir, batch=6, index=i, count=2) for i in range(2)]
+  for pipeline in restored:
+    pipeline.set_state(new_state)
+  again = [_take(pipeline, 1) for pipeline in restored]
+  for index in range(2):
+    for step, taken in ((0, first[index]), (1, second[index]), (1, again[index])):
+      (batch,), (keys,) = taken
+      positions = [12 + 6 * step + index + 2 * i for i in range(3)]
+      assert keys == [stream_keys[p][0] for p in positions]
+      np.testing.assert_array_equal(batch["image"], np.concatenate(
+          [stream[p]["image"] for p in positions]))
+
+
+def test_resume_refuses_another_dataset_and_another_loader(ten_dir, tmp_path):
   state = _pipeline(ten_dir).get_state()
-  with pytest.raises(cli.UserError, match="global_batch_size=4.*global_batch_size=8"):
-    _pipeline(ten_dir, batch=8).set_state(state)
-  with pytest.raises(cli.UserError, match="num_workers=0.*num_workers=2"):
-    _pipeline(ten_dir, num_workers=2).set_state(state)
+  other = _write_dataset(tmp_path, [_items(9, 7, "o")])
+  with pytest.raises(cli.UserError, match="saved over 10 records per epoch; these sources have 7"):
+    _pipeline(other).set_state(state)
   with pytest.raises(cli.UserError, match="another loader"):
     _pipeline(ten_dir).set_state({"version": 1, "seed": 0, "batches_yielded": 3})
   with pytest.raises(cli.UserError, match="'grain' loader"):

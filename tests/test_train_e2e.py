@@ -83,6 +83,8 @@ def test_demo_loss_falls_resumes_and_first_step_matches_one_device(tmp_path):
 
 
 def test_preempted_run_resumes_to_the_same_losses(tmp_path):
+  """SIGTERM to the whole process group (as a VM shutdown sends it: the loader's worker
+  processes get it too) saves and stops; the rerun continues with the same losses."""
   flags = ["--config.total_steps=30", "--config.log_every=1", "--config.checkpoint_every=1000"]
   config = "configs/demo.py:runlocal,evals=none"
   straight = str(tmp_path / "straight")
@@ -90,14 +92,15 @@ def test_preempted_run_resumes_to_the_same_losses(tmp_path):
 
   preempted = str(tmp_path / "preempted")
   process = subprocess.Popen(_command(preempted, *flags, config=config), env=_env(8), cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
   metrics = os.path.join(preempted, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and process.poll() is None:
     if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
       break
     time.sleep(0.05)
-  process.send_signal(signal.SIGTERM)
+  os.killpg(process.pid, signal.SIGTERM)
   output, _ = process.communicate(timeout=300)
   assert process.returncode == 0, output[-3000:]
   stopped = _checkpoint_steps(preempted)[-1]
@@ -128,8 +131,14 @@ def test_run_killed_between_checkpoints_keeps_one_row_per_step(tmp_path):
         and len(open(metrics).readlines()) >= 40):
       break
     time.sleep(0.01)
+  workers = _children(process.pid)
+  assert workers, "the loader's worker processes should be running"
   process.kill()
   process.wait(timeout=60)
+  deadline = time.time() + 20
+  while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+    time.sleep(0.1)
+  assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "orphaned workers"
   logged = [row["step"] for row in _rows(workdir)]
   assert 30 in _checkpoint_steps(workdir) and max(logged) < 100, (logged[-1], process.returncode)
   assert max(logged) > 30  # rows past the checkpoint exist and will be redone
@@ -141,6 +150,20 @@ def test_run_killed_between_checkpoints_keeps_one_row_per_step(tmp_path):
   steps, values = plots.loss_series(workdir)["loss"]
   assert steps == list(range(1, 101)) and values == [row["loss"] for row in rows]
   assert os.path.getsize(os.path.join(workdir, "loss.png")) > 1000
+
+
+def _children(pid: int) -> list[int]:
+  """Live child processes of `pid` (Linux /proc), e.g. the loader's workers."""
+  found = []
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+      continue
+    if entry.isdigit() and int(fields[1]) == pid and fields[0] != "Z":
+      found.append(int(entry))
+  return found
 
 
 def _free_port():

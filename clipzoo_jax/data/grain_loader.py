@@ -28,6 +28,10 @@ import io
 import json
 import logging
 import math
+import os
+import signal
+import threading
+import time
 from typing import Mapping, Sequence
 
 import grain
@@ -202,6 +206,7 @@ class GrainPipeline:
                                  _mix_seed(self.seed, 3), tokenizer, color_jitter)
     self._batches = 0
     self._skipped = 0
+    self._start = 0  # the global stream position this layout began reading at
     self._iterator = None
     self._pending_state = None
     self.last_keys: list[str] = []
@@ -226,7 +231,7 @@ class GrainPipeline:
     return stream.map_with_index(self._decode)
 
   def dataset(self) -> grain.IterDataset:
-    local = self._stream()[self.process_index::self.process_count]
+    local = self._stream()[self._start + self.process_index::self.process_count]
     read = grain.ReadOptions(num_threads=self.threads if self.num_workers == 0 else 1,
                              prefetch_buffer_size=max(1, self.local_batch_size))
     batches = _SkipBad(local.to_iter_dataset(read)).batch(self.local_batch_size,
@@ -234,7 +239,8 @@ class GrainPipeline:
     if self.num_workers > 0:
       _absl_flags_ready()
       batches = batches.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self.num_workers, per_worker_buffer_size=self.worker_buffer))
+          num_workers=self.num_workers, per_worker_buffer_size=self.worker_buffer),
+          worker_init_fn=_worker_init)
     return batches
 
   # -- iteration -------------------------------------------------------------------------------
@@ -293,12 +299,17 @@ class GrainPipeline:
     that the one checkpoint item holds them all."""
     local = self._local_state()
     states = _allgather_json(local, self.process_index, self.process_count)
-    return {"version": STATE_VERSION, "loader": "grain", "seed": self.seed,
-            "global_batch_size": self.global_batch_size, "process_count": self.process_count,
-            "num_workers": self.num_workers, "processes": states}
+    return {"version": STATE_VERSION, "loader": "grain", "seed": self.seed, "start": self._start,
+            "records_per_epoch": self.records_per_epoch, **self._layout(), "processes": states}
+
+  def _layout(self) -> dict:
+    return {"global_batch_size": self.global_batch_size, "process_count": self.process_count,
+            "num_workers": self.num_workers}
 
   def set_state(self, state: Mapping) -> None:
-    """Continues exactly from `state` (same seed, batch size, process and worker counts)."""
+    """Continues from `state`: exactly, with the same seed, data, batch size, process and worker
+    counts; after a change of batch size, process count or worker count, at the first example of
+    the global stream that the saved run had not read (logged)."""
     if int(state.get("version", 0)) != STATE_VERSION or state.get("loader") != "grain":
       raise cli.UserError(f"the checkpoint's data state is from another loader (version "
                           f"{state.get('version')}, loader {state.get('loader', 'tfdata')!r}); "
@@ -306,26 +317,53 @@ class GrainPipeline:
     if int(state["seed"]) != self.seed:
       raise ValueError(f"data state seed {state['seed']} does not match the pipeline seed "
                        f"{self.seed}; build the pipeline with the seed of the run it resumes")
-    layout = {"global_batch_size": self.global_batch_size, "process_count": self.process_count,
-              "num_workers": self.num_workers}
-    changed = {k: (state[k], v) for k, v in layout.items() if int(state[k]) != v}
-    if changed:
-      raise cli.UserError(
-          "the data state was saved with " + ", ".join(
-              f"{k}={old}" for k, (old, _) in changed.items()) + "; this run has " + ", ".join(
-              f"{k}={new}" for k, (_, new) in changed.items()) + ". Resume with the saved values "
-          "(the grain iterator position depends on them)")
-    mine = state["processes"][self.process_index]
-    self._batches = int(mine["batches_yielded"])
-    self._skipped = int(mine["skipped"])
+    if int(state["records_per_epoch"]) != self.records_per_epoch:
+      raise cli.UserError(f"the data state was saved over {state['records_per_epoch']} records per "
+                          f"epoch; these sources have {self.records_per_epoch}. Resume with the "
+                          "same data (or start a new workdir)")
     self.close()
-    self._pending_state = None if mine["iterator"] is None else json.loads(mine["iterator"])
+    processes = state["processes"]
+    if {k: int(state[k]) for k in self._layout()} == self._layout():
+      mine = processes[self.process_index]
+      self._start = int(state["start"])
+      self._batches, self._skipped = int(mine["batches_yielded"]), int(mine["skipped"])
+      self._pending_state = None if mine["iterator"] is None else json.loads(mine["iterator"])
+      return
+    # Another layout: the saved per-worker positions do not apply. Every saved process read
+    # `batches_yielded` local batches plus its skipped records, one example in `process_count`.
+    batches = int(processes[0]["batches_yielded"])
+    skipped = sum(int(p["skipped"]) for p in processes)
+    self._start = int(state["start"]) + batches * int(state["global_batch_size"]) + skipped
+    self._batches = self._start // self.global_batch_size  # for data/epoch
+    self._skipped, self._pending_state = 0, None
+    logging.warning(
+        "data: the checkpoint was saved with %s; this run has %s. Continuing the global stream "
+        "at example %d, the first the saved run had not read (exact when no record was skipped)",
+        {k: state[k] for k in self._layout()}, self._layout(), self._start)
 
   def close(self) -> None:
     """Stops the worker processes (also on garbage collection)."""
     iterator, self._iterator = self._iterator, None
     if iterator is not None and hasattr(iterator, "close"):
       iterator.close()
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+  """In each worker process: a SIGTERM or Ctrl-C sent to the whole process group (a VM shutdown,
+  a terminal) must reach the trainer only, which saves, stops after a few more batches and closes
+  the workers itself; and a worker exits by itself when the trainer is gone (e.g. SIGKILL), so no
+  orphan keeps its memory."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  parent = os.getppid()
+
+  def exit_with_parent():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(0)  # pylint: disable=protected-access
+
+  threading.Thread(target=exit_with_parent, daemon=True, name="exit-with-parent").start()
 
 
 def _absl_flags_ready() -> None:
