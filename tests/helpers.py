@@ -23,6 +23,7 @@ def tiny_config(tasks=TASKS, **overrides):
   config = config_base.demo_config(list(tasks))
   config.model.image.image_size = config.data.image_size = 32
   config.data.label_size = 16
+  config.data.num_workers = 0  # decode threads in-process; worker processes have their own tests
   config.model.text.context_length = config.tokenizer.context_length = 8
   config.model.text.vocab_size = 64
   config.model.heads.hidden = 8

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from clipzoo_jax import checkpoint, cli, config_base, metrics, run, stop_signal, train
-from clipzoo_jax.data import loader
+from clipzoo_jax.data import grain_loader
 from tests import helpers
 
 
@@ -20,6 +20,7 @@ def _config(total_steps=8, checkpoint_every=2, log_every=1, **changes):
   config = config_base.demo_config([])
   config_base.make_local(config)
   config.data.toyworld.num_examples, config.data.toyworld.num_shards = 64, 2
+  config.data.num_workers = 0  # decode threads in-process: these tests are about the loop
   config.total_steps, config.checkpoint_every, config.log_every = (total_steps, checkpoint_every,
                                                                     log_every)
   config.keep_checkpoints = 3
@@ -143,14 +144,14 @@ def test_an_unwritable_checkpoint_folder_fails_at_once(tmp_path):
 
 @pytest.mark.slow
 def test_an_error_mid_loop_finishes_the_save_and_is_the_error_raised(tmp_path, monkeypatch):
-  original = loader.InputPipeline.__next__
+  original = grain_loader.GrainPipeline.__next__
 
   def failing_next(self):
     if self._batches == 5:
       raise RuntimeError("disk gone while reading batch 6")
     return original(self)
 
-  monkeypatch.setattr(loader.InputPipeline, "__next__", failing_next)
+  monkeypatch.setattr(grain_loader.GrainPipeline, "__next__", failing_next)
   config = _config(total_steps=8, checkpoint_every=4)
   config.async_checkpointing = True
   with pytest.raises(RuntimeError, match="disk gone while reading batch 6"):

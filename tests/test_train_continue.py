@@ -15,6 +15,7 @@ def _config(total_steps, **optim):
   config = config_base.demo_config([])
   config_base.make_local(config)
   config.data.toyworld.num_examples, config.data.toyworld.num_shards = 64, 2
+  config.data.num_workers = 0  # decode threads in-process: these tests are about the schedule
   config.total_steps, config.log_every, config.checkpoint_every = total_steps, 1, 1000
   config.async_checkpointing = False
   config.optim.update(optim)
