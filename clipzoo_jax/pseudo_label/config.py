@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import ml_collections
@@ -33,19 +34,51 @@ def corpus_config(**values) -> dict:
   return dict(CORPUS_DEFAULTS, **values)
 
 
+@dataclasses.dataclass
+class RayOptions:
+  """How `tools/pseudo_label.py --runner=ray` sizes its shard workers (`config.ray`). Each worker
+  holds every expert and labels one whole shard at a time."""
+  num_workers: int = 0     # 0: as many as the cluster's GPUs (num_gpus > 0) or CPUs hold
+  num_gpus: float = 0.0    # per worker; a fraction (0.5) puts several workers on one GPU
+  num_cpus: float = 2.0    # per worker: its decode threads, expert calls and writer thread
+  max_retries: int = 3     # restarts of a worker whose process died; each retries its shard
+
+  def __post_init__(self):
+    for name in ("num_workers", "num_gpus", "num_cpus", "max_retries"):
+      if getattr(self, name) < 0:
+        raise job.JobError(f"config.ray.{name}: expected >= 0, found {getattr(self, name)}")
+
+
 def job_config(**values) -> dict:
   """`config.job` with every JobOptions field present, so each can be set from the command line."""
-  fields = {name: field.default for name, field in job.JobOptions.__dataclass_fields__.items()}
+  return _dataclass_config(job.JobOptions, values)
+
+
+def ray_config(**values) -> dict:
+  """`config.ray` with every RayOptions field present."""
+  return _dataclass_config(RayOptions, values)
+
+
+def _dataclass_config(cls, values: Mapping) -> dict:
+  fields = {name: field.default for name, field in cls.__dataclass_fields__.items()}
   return dict(fields, **values)
 
 
 def job_options(config: ml_collections.ConfigDict) -> job.JobOptions:
-  options = _plain(config.get("job", {}))
-  fields = set(job.JobOptions.__dataclass_fields__)
+  return _dataclass_options(job.JobOptions, config.get("job", {}), "config.job")
+
+
+def ray_options(config: ml_collections.ConfigDict) -> RayOptions:
+  return _dataclass_options(RayOptions, config.get("ray", {}), "config.ray")
+
+
+def _dataclass_options(cls, section: Any, where: str):
+  options = _plain(section)
+  fields = set(cls.__dataclass_fields__)
   unknown = sorted(set(options) - fields)
   if unknown:
-    raise ValueError(f"config.job: unknown fields {unknown}; expected some of {sorted(fields)}")
-  return job.JobOptions(**options)
+    raise ValueError(f"{where}: unknown fields {unknown}; expected some of {sorted(fields)}")
+  return cls(**options)
 
 
 def make_experts(config: ml_collections.ConfigDict) -> dict[str, base.Expert]:

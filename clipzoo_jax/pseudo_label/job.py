@@ -5,7 +5,8 @@ first worker). Worker w of n takes shards i with i % n == w; complete shards are
 ones removed and redone, so a job killed at any moment and rerun writes every key exactly once.
 Per shard three stages overlap: a reader thread reads raw pairs and hands batches to a decode
 pool (image decode + each expert's `prepare`), the main thread runs the experts, and a writer
-thread encodes labels and writes records. The last worker to finish writes the manifest.
+thread encodes labels and writes records (`ShardLabeller`). The last worker to finish writes the
+manifest. `ray_runner` hands the same shards to a Ray cluster's workers through `ShardLabeller`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class ExpertRunError(JobError):
   def in_shard(self, shard: str) -> "ExpertRunError":
     return ExpertRunError(self.task, self.expert, self.keys, self.cause, shard)
 
+  def __reduce__(self):
+    # Pickled (from a Ray worker to the driver) as a JobError with the same message: the expert
+    # holds a model, and the default pickle would rebuild this class from its message alone.
+    return JobError, (str(self),)
+
 
 @dataclasses.dataclass
 class JobOptions:
@@ -87,11 +93,15 @@ class Decoded:
 # Plan: the corpus split into slices, fixed once per output directory.
 
 
-def job_identity(corpus: corpus_lib.Corpus, experts: Mapping[str, base.Expert], split: str) -> dict:
-  """Everything that decides the records: corpus, split, and each expert's manifest entry (weights
-  and config-file checksums, dtype, thresholds, label resolution, ...). Not the device."""
-  return {"corpus": corpus.describe(), "split": split,
-          "experts": {task: expert.manifest_entry() for task, expert in experts.items()}}
+def manifest_entries(experts: Mapping[str, base.Expert]) -> dict[str, dict]:
+  """Each expert's manifest entry (weights and config-file checksums, dtype, thresholds, label
+  resolution, ...), by task. Not the device."""
+  return {task: expert.manifest_entry() for task, expert in experts.items()}
+
+
+def job_identity(corpus: corpus_lib.Corpus, entries: Mapping[str, dict], split: str) -> dict:
+  """Everything that decides the records: corpus, split, and the experts' `manifest_entries`."""
+  return {"corpus": corpus.describe(), "split": split, "experts": dict(entries)}
 
 
 def differences(expected: Any, found: Any, path: str = "") -> list[str]:
@@ -112,12 +122,12 @@ def differences(expected: Any, found: Any, path: str = "") -> list[str]:
   return [f"{path}: expected {json.dumps(expected)}, found {json.dumps(found)}"]
 
 
-def load_or_write_plan(output_dir: str, corpus: corpus_lib.Corpus,
-                       experts: Mapping[str, base.Expert], split: str,
-                       settings: Mapping | None = None) -> dict:
-  """The directory's plan; written on first use, and on reruns checked against this job."""
+def load_or_write_plan(output_dir: str, corpus: corpus_lib.Corpus, entries: Mapping[str, dict],
+                       split: str, settings: Mapping | None = None) -> dict:
+  """The directory's plan; written on first use, and on reruns checked against this job.
+  `entries`: the experts' `manifest_entries` (a Ray driver gets them from its workers)."""
   path = os.path.join(output_dir, PLAN_NAME)
-  identity = json.loads(json.dumps(job_identity(corpus, experts, split)))
+  identity = json.loads(json.dumps(job_identity(corpus, entries, split)))
   if os.path.exists(path):
     with open(path) as f:
       plan = json.load(f)
@@ -227,7 +237,7 @@ class _Prefetcher:
 # Stage 2 (main thread): experts. Stage 3 (writer thread): encode and write.
 
 
-def _merge(into: records.Labels, labels: records.Labels, task: str) -> None:
+def merge_labels(into: records.Labels, labels: records.Labels, task: str) -> None:
   for field in task_lib.get(task).label_fields:
     setattr(into, field, getattr(labels, field))
 
@@ -242,7 +252,7 @@ def label_batch(experts: Mapping[str, base.Expert], decoded: Sequence[Decoded]) 
     except Exception as e:  # noqa: BLE001  (any failure of third-party model code)
       raise ExpertRunError(task, expert, batch.keys, e) from e
     for merged, labels in zip(batch.labels, produced):
-      _merge(merged, labels, task)
+      merge_labels(merged, labels, task)
   return batch.labels
 
 
@@ -343,6 +353,55 @@ def _sort_out(decoded: Sequence, seen: set[str], shard_report: report.ShardRepor
   return good
 
 
+class ShardLabeller:
+  """Writes whole shards with one set of experts and its own decode and write threads. The local
+  runner and every Ray worker label through it, so both write the same bytes."""
+
+  def __init__(self, corpus: corpus_lib.Corpus, experts: Mapping[str, base.Expert],
+               options: JobOptions):
+    import tensorflow  # noqa: F401  (imported now, so the first shard's img/s does not include it)
+    self.corpus, self.experts, self.options = corpus, experts, options
+    self._pools = _Pools(futures.ThreadPoolExecutor(options.decode_threads),
+                         futures.ThreadPoolExecutor(1))
+
+  def label(self, output_dir: str, name: str, part: corpus_lib.Slice,
+            progress: report.ShardProgress) -> dict:
+    """Writes shard `name` of `part` into `output_dir`; returns its report."""
+    return label_shard(os.path.join(output_dir, name), part, self.corpus, self.experts,
+                       self.options, self._pools, progress)
+
+  def close(self) -> None:
+    self._pools.decode.shutdown()
+    self._pools.write.shutdown()
+
+  def __enter__(self) -> "ShardLabeller":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def plan_shards(output_dir: str, corpus: corpus_lib.Corpus, entries: Mapping[str, dict],
+                options: JobOptions, settings: Mapping | None = None,
+                owned: Callable[[int], bool] = lambda i: True,
+                log: Callable[[str], None] = print,
+                name: str = "worker 0/1") -> tuple[dict, list[int]]:
+  """The plan, and the indices of the owned shards still to do (partial files removed first)."""
+  plan = load_or_write_plan(output_dir, corpus, entries, options.split, settings)
+  names = shard_names(plan)
+  mine = [i for i in range(len(names)) if owned(i)]
+  removed = shards.remove_partial(output_dir, names=[names[i] for i in mine])
+  if removed:
+    log(f"{name}: removed partial files {removed}")
+  todo = [i for i in mine if not shards.is_complete(os.path.join(output_dir, names[i]))]
+  log(f"{name}: {len(todo)} of {len(mine)} shards to do ({len(names)} in the job)")
+  return plan, todo
+
+
+def plan_slices(plan: Mapping) -> list[corpus_lib.Slice]:
+  return [corpus_lib.Slice.from_json(s) for s in plan["slices"]]
+
+
 def run_worker(corpus: corpus_lib.Corpus, experts: Mapping[str, base.Expert], output_dir: str,
                options: JobOptions = JobOptions(), num_workers: int = 1, worker_index: int = 0,
                command: str = "", log: Callable[[str], None] = print,
@@ -354,24 +413,15 @@ def run_worker(corpus: corpus_lib.Corpus, experts: Mapping[str, base.Expert], ou
   """
   if not 0 <= worker_index < num_workers:
     raise JobError(f"worker_index must be in [0, {num_workers}), found {worker_index}")
-  import tensorflow  # noqa: F401  (imported now, so the first shard's img/s does not include it)
-  plan = load_or_write_plan(output_dir, corpus, experts, options.split, settings)
-  names = shard_names(plan)
-  mine = [i for i in range(len(names)) if i % num_workers == worker_index]
-  removed = shards.remove_partial(output_dir, names=[names[i] for i in mine])
-  if removed:
-    log(f"worker {worker_index}/{num_workers}: removed partial files {removed}")
-  todo = [i for i in mine if not shards.is_complete(os.path.join(output_dir, names[i]))]
-  slices = [corpus_lib.Slice.from_json(s) for s in plan["slices"]]
-  progress = report.ShardProgress(f"worker {worker_index}/{num_workers}",
-                                  [slices[i].count for i in todo], log, options.progress_every_s)
-  log(f"worker {worker_index}/{num_workers}: {len(todo)} of {len(mine)} shards to do "
-      f"({len(names)} in the job)")
-  with futures.ThreadPoolExecutor(options.decode_threads) as decode_pool, \
-       futures.ThreadPoolExecutor(1) as write_pool:
+  name = f"worker {worker_index}/{num_workers}"
+  with ShardLabeller(corpus, experts, options) as labeller:
+    plan, todo = plan_shards(output_dir, corpus, manifest_entries(experts), options, settings,
+                             lambda i: i % num_workers == worker_index, log, name)
+    names, slices = shard_names(plan), plan_slices(plan)
+    progress = report.ShardProgress(name, [slices[i].count for i in todo], log,
+                                    options.progress_every_s)
     for i in todo:
-      label_shard(os.path.join(output_dir, names[i]), slices[i], corpus, experts, options,
-                  _Pools(decode_pool, write_pool), progress)
+      labeller.label(output_dir, names[i], slices[i], progress)
       progress.shard_done()
   return finalize(output_dir, plan, command, log)
 

@@ -10,7 +10,7 @@ Normals: `from-depth` (geometric, from this job's depth expert) or `onnx` with `
 Every field of the config can be set from the command line, e.g.
 --config.experts.seg.label_max_side=1024 (caps label memory on huge images),
 --config.corpus.image_column=filepath --config.corpus.caption_column=title (open_clip TSVs),
---config.job.on_expert_error=skip.
+--config.job.on_expert_error=skip, --config.ray.num_gpus=0.5.
 """
 
 import os
@@ -92,4 +92,8 @@ def get_config(arg=None):
   config.corpus = config_lib.corpus_config(records_per_shard=arg.records_per_shard)
   config.job = config_lib.job_config(batch_size=arg.batch_size, decode_threads=4,
                                      progress_every_s=30.0)
+  # --runner=ray: one shard worker per GPU holding every expert (num_gpus=0.5 puts two on a GPU),
+  # with CPUs for its decode threads; on a CPU-only cluster set --config.ray.num_gpus=0.
+  config.ray = config_lib.ray_config(num_gpus=0.0 if arg.device == "cpu" else 1.0,
+                                     num_cpus=config.job.decode_threads + 2)
   return config
