@@ -38,16 +38,6 @@ def _pipeline(directory, args, **data):
   return pipelines.build(config, WordHashTokenizer(77, 49408), args.batch, list(records.TASKS))
 
 
-def _rate(pipeline, batches: int, warmup: int = 2) -> tuple[float, float]:
-  for _ in range(warmup):
-    next(pipeline)
-  wall, cpu = time.perf_counter(), time.process_time()
-  for _ in range(batches):
-    next(pipeline)
-  examples = batches * pipeline.local_batch_size
-  return examples / (time.perf_counter() - wall), 1e3 * (time.process_time() - cpu) / examples
-
-
 def throughput_rows(directory, label_px, args) -> list[dict]:
   rows = []
   for name, data in (("grain, 1 core in-process", dict(num_workers=0, threads=1)),
@@ -55,7 +45,7 @@ def throughput_rows(directory, label_px, args) -> list[dict]:
                      ("grain, 2 workers", dict(num_workers=2)),
                      ("tf.data (AUTOTUNE)", dict(loader="tfdata"))):
     pipeline = _pipeline(directory, args, **data)
-    rate, cpu_ms = _rate(pipeline, args.batches)
+    rate, cpu_ms = loader_bench.measure(pipeline, args.batches, warmup=2)
     pipeline.close()
     rows.append({"case": f"224px, labels {label_px}px: {name}", "stored_label_px": label_px,
                  "examples_per_s": round(rate, 1),

@@ -12,7 +12,7 @@ import pytest
 from clipzoo_jax import cli
 from clipzoo_jax.data import grain_loader, pipelines, random_access, records, shards
 from clipzoo_jax.data.tokenizer import WordHashTokenizer as HashTokenizer
-from test_loader import _mixed_labels, _square_record, _write_dataset
+from test_loader import _mixed_labels, _square_record, _take, _write_dataset
 
 ALL_TASKS = list(records.TASKS)
 
@@ -41,14 +41,6 @@ def _pipeline(directory, batch=4, tasks=ALL_TASKS, seed=0, index=0, count=1, tra
               **overrides):
   return pipelines.build(_config(directory, **overrides), HashTokenizer(), batch, tasks,
                          seed=seed, process_index=index, process_count=count, train=train)
-
-
-def _take(pipeline, n):
-  batches, keys = [], []
-  for _ in range(n):
-    batches.append(next(pipeline))
-    keys.append(list(pipeline.last_keys))
-  return batches, keys
 
 
 def _by_key(directory):
