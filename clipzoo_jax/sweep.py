@@ -1,5 +1,6 @@
 """Expands a config's `sweep(add, arg)` into named points (one workdir each). Used by
-tools/sweep.py to run points locally in sequence, and by the pod launcher later."""
+tools/sweep.py to run points locally in sequence, and by tools/launch_tpu.py --sweep (one TPU job
+per point)."""
 
 from __future__ import annotations
 

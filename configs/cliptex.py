@@ -1,7 +1,7 @@
 r"""CLIPTeX: fine-tune a pre-trained CLIP on pseudo-labelled image-text data (the paper's recipe).
 
   python tools/train.py --config configs/cliptex.py:variant=B/16,tasks=seg+depth+normals+det \
-      --workdir gs://bucket/run --config.data.directory=gs://bucket/cc3m_labels \
+      --workdir /mnt/shared/run --config.data.directory=/mnt/shared/cc3m_labels \
       --config.model_init=/path/to/clip-vit-base-patch16 \
       --config.tokenizer.directory=/path/to/clip-vit-base-patch16
 
