@@ -110,10 +110,26 @@ def _check_start(start: int, config) -> bool:
   return start < config.total_steps
 
 
+def check_local_paths(config, workdir: str) -> None:
+  """Object-store URLs are not read or written yet: refuse them before anything is created
+  (a local directory named `gs:` would otherwise silently hold the run)."""
+  paths = {"--workdir": workdir, "config.data.directory": config.data.get("directory"),
+           "config.tokenizer.directory": config.tokenizer.get("directory"),
+           "config.model_init": config.get("model_init")}
+  for name, source in dict(config.data.get("sources") or {}).items():
+    paths[f"config.data.sources.{name}.directory"] = source.get("directory")
+  for where, path in paths.items():
+    if path and "://" in str(path):
+      raise cli.UserError(f"{where}: {path} is a URL; object-store paths are not supported yet. "
+                          "Use a path every host mounts (NFS/Filestore, or the bucket through "
+                          "gcsfuse)")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
   """Trains (or resumes) in `workdir` on `devices` (default: all); returns the last logged
   metrics row. Everything that can be checked without compiling or reading data is checked
   first."""
+  check_local_paths(config, workdir)
   stop = StopRequest(config.get("preemption_check_every", 1))
   run = run_lib.setup(config, devices)
   log.info("mesh %s", dict(run.mesh.shape))
