@@ -358,3 +358,14 @@ def test_colour_jitter_changes_only_the_image(ten_dir):
   for name in plain:
     if name != "image":
       np.testing.assert_array_equal(plain[name], jittered[name], err_msg=name)
+
+
+def test_concurrent_reader_threads_get_intact_records(ten_dir):
+  """grain reads with several threads; they share the source's open shards."""
+  from concurrent.futures import ThreadPoolExecutor
+  source = random_access.ShardRecords(ten_dir)
+  expected = [random_access.ShardRecords(ten_dir)[i] for i in range(len(source))]
+  order = np.random.default_rng(0).integers(0, len(source), 2000)
+  with ThreadPoolExecutor(8) as pool:
+    got = list(pool.map(source.__getitem__, order))
+  assert all(got[n] == expected[i] for n, i in enumerate(order))

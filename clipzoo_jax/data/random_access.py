@@ -90,7 +90,7 @@ class ShardRecords:
       raise cli.UserError(f"{directory}: the manifest lists no records")
     self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     self._offsets = [read_offsets(p, n) for p, n in zip(self.paths, counts)]
-    self._files: dict[int, object] = {}
+    self._files: dict[int, int] = {}
 
   def __len__(self) -> int:
     return int(self._starts[-1])
@@ -110,24 +110,27 @@ class ShardRecords:
     shard = int(np.searchsorted(self._starts, index, side="right")) - 1
     return shard, int(index - self._starts[shard])
 
-  def _file(self, shard: int):
+  def _fd(self, shard: int) -> int:
+    """The shard's file descriptor. Reads use os.pread (no shared file position), so grain's
+    reader threads can read one shard at the same time."""
     if shard not in self._files:
-      self._files[shard] = open(self.paths[shard], "rb")
+      fd = os.open(self.paths[shard], os.O_RDONLY)
+      if self._files.setdefault(shard, fd) != fd:  # another thread opened it first
+        os.close(fd)
     return self._files[shard]
 
   def __getitem__(self, index: int):
     shard, position = self.locate(int(index))
     name = os.path.basename(self.paths[shard])
     where = f"<record {position} of the shard>"
-    f = self._file(shard)
-    f.seek(int(self._offsets[shard][position]))
-    header = f.read(_HEADER)
+    fd, offset = self._fd(shard), int(self._offsets[shard][position])
+    header = os.pread(fd, _HEADER, offset)
     if len(header) < _HEADER:
       return BadRecord(self.paths[shard], where, "the shard ends before the record (truncated)")
     length, length_crc = struct.unpack("<QI", header)
     if masked_crc(header[:8]) != length_crc:
       return BadRecord(self.paths[shard], where, "the record's length checksum does not match")
-    data = f.read(length + _FOOTER)
+    data = os.pread(fd, length + _FOOTER, offset + _HEADER)
     if len(data) < length + _FOOTER:
       return BadRecord(self.paths[shard], where,
                        f"the shard ends inside the record ({len(data)} of {length + _FOOTER} bytes; "
@@ -138,6 +141,6 @@ class ShardRecords:
     return name, data[:length]
 
   def close(self) -> None:
-    for f in self._files.values():
-      f.close()
+    for fd in self._files.values():
+      os.close(fd)
     self._files = {}
