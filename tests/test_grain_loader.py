@@ -6,6 +6,7 @@ import json
 import logging
 import os
 
+import grain
 import numpy as np
 import pytest
 
@@ -211,7 +212,7 @@ def test_resume_after_a_layout_change_continues_at_the_first_unread_example(ten_
   for index in range(2):
     for step, taken in ((0, first[index]), (1, second[index]), (1, again[index])):
       (batch,), (keys,) = taken
-      positions = [12 + 6 * step + index + 2 * i for i in range(3)]
+      positions = [12 + 6 * step + 3 * index + i for i in range(3)]
       assert keys == [stream_keys[p][0] for p in positions]
       np.testing.assert_array_equal(batch["image"], np.concatenate(
           [stream[p]["image"] for p in positions]))
@@ -236,8 +237,41 @@ def test_two_processes_read_disjoint_halves_of_every_global_batch(ten_dir):
   assert sorted(first_epoch) == sorted(set(first_epoch)) and len(first_epoch) == 8
   for step in range(5):
     zero, one = halves[0][step], halves[1][step]
-    # the global stream, dealt out example by example: process p takes every other example
-    assert zero == stream[4 * step:4 * step + 4:2] and one == stream[4 * step + 1:4 * step + 4:2]
+    # the global stream, dealt out in blocks: process p takes the p-th half of each global batch,
+    # so the halves stacked in process order are the single-process global batch
+    assert zero == stream[4 * step:4 * step + 2] and one == stream[4 * step + 2:4 * step + 4]
+
+
+def test_global_batches_do_not_depend_on_the_process_or_worker_count(ten_dir):
+  """Each process's local batches, stacked in process order, are the global batches one process
+  with no workers reads (keys, pixels and labels): a run spanning hosts, or with more loader
+  workers, trains on the same numbers."""
+  reference, reference_keys = _take(_pipeline(ten_dir, batch=4, num_workers=0), 5)
+  for count, workers in ((1, 2), (2, 0), (2, 2)):
+    pipelines_ = [_pipeline(ten_dir, batch=4, index=i, count=count, num_workers=workers)
+                  for i in range(count)]
+    taken = [_take(pipeline, 5) for pipeline in pipelines_]
+    for pipeline in pipelines_:
+      pipeline.close()
+    for step in range(5):
+      keys = sum((keys[step] for _, keys in taken), [])
+      assert keys == reference_keys[step], (count, workers, step)
+      for name, want in reference[step].items():
+        np.testing.assert_array_equal(np.concatenate([batches[step][name] for batches, _ in taken]),
+                                      want, err_msg=f"{name} ({count} processes, {workers} workers)")
+
+
+def test_process_blocks_cover_a_finite_stream_once_whatever_the_process_count():
+  """The evaluation stream (finite, last global batch partial): every position exactly once,
+  each process's positions in order, blocks of the local batch."""
+  for length, start, local, count in ((10, 0, 2, 2), (11, 3, 2, 3), (7, 0, 4, 2), (1, 0, 3, 4)):
+    parent = grain.MapDataset.range(length)
+    shares = [list(grain_loader.ProcessBlocks(parent, start, local, index, count))
+              for index in range(count)]
+    assert sorted(sum(shares, [])) == list(range(start, length)), (length, start, local, count)
+    for share in shares:
+      assert share == sorted(share)
+    assert shares[0][:local] == list(range(start, min(start + local, length)))
 
 
 def test_a_mixture_samples_sources_by_weight_and_masks_their_missing_tasks(tmp_path):

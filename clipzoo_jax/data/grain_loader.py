@@ -6,7 +6,8 @@ checkpointable iterator that resumes exactly and in constant time.
     -> per source: shuffle (reseeded each epoch from seed and epoch) and repeat
     -> mixture of the sources by weight (one source: itself)
     -> decode + augment + tokenize, seeded by the example's position in the global stream
-    -> this process's slice (every `process_count`-th example from `process_index`)
+    -> this process's block of every global batch (`ProcessBlocks`), so the global batch the
+       step sees is the same run of the stream whatever the process count
     -> skip bad records (counted; too many stop the run) -> local batches
     -> `num_workers` worker processes (0: threads in this process), prefetch
 
@@ -30,6 +31,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Mapping, Sequence
@@ -47,6 +49,61 @@ REQUIRED_FEATURES = ("key", "image/encoded", "text")
 _BAD = "_bad"          # an item that is a bad record: its description
 _SKIPPED = "_skipped"  # on a good example: bad records skipped just before it
 _NOTES = "_notes"      # ... and their descriptions, one per line
+
+
+# ---------------------------------------------------------------------------------------------
+# Dealing the global stream out to the processes.
+
+
+class ProcessBlocks(grain.MapDataset):
+  """This process's share of the global stream from position `start`, in the order its loader
+  workers read it.
+
+  Of every global batch (`local_batch` x `process_count` consecutive examples) the process takes
+  the `process_index`-th block of `local_batch`. Its local batch n is then the n-th such block,
+  and the processes' local batches stacked in process order (as
+  `jax.make_array_from_process_local_data` stacks them) are exactly the global batch one process
+  would read. grain's worker w reads every `num_workers`-th element of this dataset and batches
+  what it reads, and the workers' batches are yielded in turn; so element q is placed where
+  worker q % num_workers needs it for its share of whole local batches. The batches are then the
+  same whatever the process and worker counts, and so are a run's numbers.
+
+  A finite stream (evaluation) keeps the plain block order: its last global batch is partial.
+  """
+
+  def __init__(self, parent: grain.MapDataset, start: int, local_batch: int, process_index: int,
+               process_count: int, num_workers: int = 0):
+    super().__init__(parent)
+    self._start, self._local = int(start), int(local_batch)
+    self._index, self._count = int(process_index), int(process_count)
+    remaining = max(len(parent) - self._start, 0)
+    self._infinite = len(parent) >= sys.maxsize
+    self._workers = max(int(num_workers), 1) if self._infinite else 1
+    if self._infinite:
+      self._length = remaining // (self._local * self._count * self._workers) * self._local
+    else:
+      full, rest = divmod(remaining, self._local * self._count)
+      self._length = full * self._local + min(max(rest - self._index * self._local, 0),
+                                              self._local)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def position(self, index: int) -> int:
+    """The global stream position of this dataset's `index`-th element."""
+    read, worker = divmod(int(index), self._workers)       # the worker's `read`-th element
+    worker_batch, offset = divmod(read, self._local)
+    batch = worker_batch * self._workers + worker            # this process's local batch
+    return self._start + (batch * self._count + self._index) * self._local + offset
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self.position(index)]
+
+  def __str__(self) -> str:
+    return (f"ProcessBlocks(start={self._start}, local_batch={self._local}, "
+            f"process={self._index}/{self._count}, workers={self._workers})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +288,8 @@ class GrainPipeline:
     return stream.map_with_index(self._decode)
 
   def dataset(self) -> grain.IterDataset:
-    local = self._stream()[self._start + self.process_index::self.process_count]
+    local = ProcessBlocks(self._stream(), self._start, self.local_batch_size,
+                          self.process_index, self.process_count, self.num_workers)
     read = grain.ReadOptions(num_threads=self.threads if self.num_workers == 0 else 1,
                              prefetch_buffer_size=max(1, self.local_batch_size))
     batches = _SkipBad(local.to_iter_dataset(read)).batch(self.local_batch_size,
@@ -330,7 +388,8 @@ class GrainPipeline:
       self._pending_state = None if mine["iterator"] is None else json.loads(mine["iterator"])
       return
     # Another layout: the saved per-worker positions do not apply. Every saved process read
-    # `batches_yielded` local batches plus its skipped records, one example in `process_count`.
+    # `batches_yielded` local batches, its blocks of as many global batches, plus its skipped
+    # records.
     batches = int(processes[0]["batches_yielded"])
     skipped = sum(int(p["skipped"]) for p in processes)
     self._start = int(state["start"]) + batches * int(state["global_batch_size"]) + skipped
