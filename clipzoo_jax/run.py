@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from clipzoo_jax import cli
+from clipzoo_jax import gradients
 from clipzoo_jax import losses
 from clipzoo_jax import optim
 from clipzoo_jax import sharding
@@ -70,8 +71,12 @@ def build_mesh(config: ml_collections.ConfigDict, devices=None):
 def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh) -> None:
   """The global batch splits evenly over the batch axes of the mesh and over the processes."""
   parallel = int(np.prod([mesh.shape[axis] for axis in sharding.BATCH_AXES]))
+  steps = int(config.get("grad_accum_steps", 1))
   for count, what in ((parallel, f"the data-parallel size {parallel} (mesh data x fsdp = "
                                  f"{dict(mesh.shape)})"),
+                      (parallel * steps, f"config.grad_accum_steps {steps} x the data-parallel "
+                                         f"size {parallel}: each micro-batch splits over the "
+                                         "devices"),
                       (jax.process_count(), f"the {jax.process_count()} processes")):
     if config.global_batch_size % count:
       raise cli.UserError(f"config.global_batch_size {config.global_batch_size} is not divisible "
@@ -112,6 +117,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ("total_steps", "log_every", "checkpoint_every"):
     if int(config[name]) < 1:
       raise cli.UserError(f"config.{name} must be >= 1, found {config[name]}")
+  validate_loss_config(config)
+
+
+def validate_loss_config(config: ml_collections.ConfigDict) -> None:
+  """The contrastive loss kind, its chunking and gradient accumulation fit the model and batch."""
+  kind = config.loss.get("contrastive", "softmax")
+  if kind not in losses.CONTRASTIVE_KINDS:
+    raise cli.UserError(f"config.loss.contrastive: expected one of "
+                        f"{list(losses.CONTRASTIVE_KINDS)}, found {kind!r}")
+  if kind == "sigmoid" and config.model.get("logit_bias_init") is None:
+    raise cli.UserError("config.loss.contrastive='sigmoid' needs the learned logit bias: set "
+                        f"config.model.logit_bias_init (SigLIP: {losses.SIGLIP_LOGIT_BIAS_INIT}) "
+                        f"and config.model.logit_scale_init (SigLIP: log 10)")
+  steps = int(config.get("grad_accum_steps", 1))
+  if steps < 1:
+    raise cli.UserError(f"config.grad_accum_steps must be >= 1, found {steps}")
+  chunk = int(config.loss.get("contrastive_chunk", 0) or 0)
+  if chunk < 0 or (chunk and config.global_batch_size % chunk):
+    raise cli.UserError(f"config.loss.contrastive_chunk {chunk} does not divide "
+                        f"config.global_batch_size {config.global_batch_size} (0: no chunking)")
 
 
 def model_inputs(model_config: ml_collections.ConfigDict, batch_size: int = 1):
@@ -265,12 +290,16 @@ class TrainStep:
     weights = dict(config.loss.weights)
     loss_config = config.loss.to_dict()
 
-    def train_step(state, batch):
-      def loss_fn(params):
-        outputs = model.apply({"params": params}, batch["image"], batch["tokens"])
-        return losses.total_loss(outputs, batch, tasks, weights, loss_config)
+    accum_steps = int(config.get("grad_accum_steps", 1))
+    micro_sharding = jax.sharding.NamedSharding(
+        run.mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+    apply_fn = lambda params, batch: model.apply({"params": params}, batch["image"],
+                                                 batch["tokens"])
 
-      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    def train_step(state, batch):
+      (_, metrics), grads = gradients.loss_and_grads(
+          apply_fn, state["params"], batch, tasks, weights, loss_config, accum_steps,
+          lambda x: jax.lax.with_sharding_constraint(x, micro_sharding))
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       metrics["grad_norm"] = optax.tree.norm(grads)

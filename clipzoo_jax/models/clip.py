@@ -35,7 +35,8 @@ def normalize_pixels(images):
 
 
 class CLIPTeX(nn.Module):
-  """Parameters: `img` (image tower), `txt` (text tower), `logit_scale`, `heads/<task>_head`."""
+  """Parameters: `img` (image tower), `txt` (text tower), `logit_scale`, `logit_bias` (SigLIP
+  loss only), `heads/...`."""
   config: ml_collections.ConfigDict
 
   def setup(self):
@@ -57,6 +58,10 @@ class CLIPTeX(nn.Module):
     self.logit_scale = self.param(
         "logit_scale", nn.with_logical_partitioning(
             nn.initializers.constant(cfg.get("logit_scale_init", math.log(1 / 0.07))), ()), ())
+    # SigLIP's learned bias of the pair logits (config.loss.contrastive='sigmoid'); absent in CLIP
+    self.logit_bias = None if cfg.get("logit_bias_init") is None else self.param(
+        "logit_bias", nn.with_logical_partitioning(
+            nn.initializers.constant(cfg.logit_bias_init), ()), ())
     specs = task_lib.head_specs(tuple(cfg.heads.tasks), cfg)
     self.heads = heads_lib.TaskHeads(
         specs=specs, hidden=cfg.heads.hidden, upsample=cfg.heads.upsample,
@@ -76,6 +81,8 @@ class CLIPTeX(nn.Module):
         "text_embedding": self.txt(tokens).astype(jnp.float32),
         "logit_scale": self.logit_scale,
     }
+    if self.logit_bias is not None:
+      out["logit_bias"] = self.logit_bias
     if self.heads is not None:
       out["heads"] = self.heads(patches)
     return out

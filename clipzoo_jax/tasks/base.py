@@ -121,9 +121,17 @@ class Task:
   def heads(self, model_config) -> tuple[HeadSpec, ...]:
     raise NotImplementedError
 
-  def loss(self, outputs: Mapping, batch: Mapping, loss_config) -> Any:
-    """Scalar loss from the heads' named outputs and the batch; 0 when nothing is labelled."""
+  def loss_terms(self, outputs: Mapping, batch: Mapping, loss_config) -> tuple[Any, Any]:
+    """(numerator, denominator) of the loss from the heads' named outputs and the batch: the
+    loss is numerator / max(denominator, 1), and the denominator (a count of valid pixels, boxes
+    or images) depends on the labels only, so the terms of micro-batches add up to the whole
+    batch's (`clipzoo_jax.gradients`)."""
     raise NotImplementedError
+
+  def loss(self, outputs: Mapping, batch: Mapping, loss_config) -> Any:
+    """Scalar loss; 0 when nothing in the batch is labelled."""
+    from clipzoo_jax import losses  # pylint: disable=import-outside-toplevel
+    return losses.ratio(*self.loss_terms(outputs, batch, loss_config))
 
   # -- labels as NumPy (toy-world expert, pseudo-labelling job, visualizer) -----------------------
 

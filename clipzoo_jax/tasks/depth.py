@@ -19,6 +19,10 @@ def _depth_valid(target, example_mask):
 
 
 def depth_ssi_loss(prediction, target, example_mask):
+  return losses.ratio(*depth_ssi_terms(prediction, target, example_mask))
+
+
+def depth_ssi_terms(prediction, target, example_mask):
   """Scale-and-shift-invariant depth loss (for relative-depth experts such as DPT / MiDaS).
 
   Per image, the prediction is aligned to the target by the least-squares scale s and shift t
@@ -41,10 +45,14 @@ def depth_ssi_loss(prediction, target, example_mask):
   target_var = (target_centered ** 2).sum((1, 2))
   per_image = (residual ** 2).sum((1, 2)) / jnp.maximum(target_var, 1e-12)
   has_label = (valid.sum((1, 2)) >= 2).astype(jnp.float32)
-  return losses.masked_mean(per_image, has_label)
+  return losses.masked_terms(per_image, has_label)
 
 
 def depth_silog_loss(prediction, target, example_mask, variance_focus: float = 0.85):
+  return losses.ratio(*depth_silog_terms(prediction, target, example_mask, variance_focus))
+
+
+def depth_silog_terms(prediction, target, example_mask, variance_focus: float = 0.85):
   """Scale-invariant log loss (Eigen et al.) for metric experts; prediction is log-depth."""
   valid = _depth_valid(target, example_mask)
   count = jnp.maximum(valid.sum((1, 2)), 1.0)
@@ -52,7 +60,7 @@ def depth_silog_loss(prediction, target, example_mask, variance_focus: float = 0
   mean_sq = (diff ** 2).sum((1, 2)) / count
   sq_mean = (diff.sum((1, 2)) / count) ** 2
   per_image = jnp.sqrt(jnp.maximum(mean_sq - variance_focus * sq_mean, 1e-12))
-  return losses.masked_mean(per_image, (valid.sum((1, 2)) > 0).astype(jnp.float32))
+  return losses.masked_terms(per_image, (valid.sum((1, 2)) > 0).astype(jnp.float32))
 
 
 @base.register
@@ -105,9 +113,9 @@ class Depth(base.Task):
     if kind not in LOSS_KINDS:
       raise cli.UserError(f"config.loss.depth: expected one of {list(LOSS_KINDS)}, found {kind!r}")
 
-  def loss(self, outputs, batch, loss_config):
-    loss_fn = {"ssi": depth_ssi_loss, "silog": depth_silog_loss}[loss_config.get("depth", "ssi")]
-    return loss_fn(outputs["depth"], batch["depth"], batch["depth_mask"])
+  def loss_terms(self, outputs, batch, loss_config):
+    terms = {"ssi": depth_ssi_terms, "silog": depth_silog_terms}[loss_config.get("depth", "ssi")]
+    return terms(outputs["depth"], batch["depth"], batch["depth_mask"])
 
   def resize_labels(self, labels, size):
     from clipzoo_jax.data import records

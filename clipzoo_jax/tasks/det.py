@@ -65,17 +65,24 @@ def det_loss(heatmap_logits, size_pred, offset_pred, boxes, classes, example_mas
              size_weight: float = 5.0, offset_weight: float = 1.0):
   """CenterNet loss: focal heatmap + L1 size + L1 centre offset at each object's centre cell,
   normalized by the number of objects in the batch. Examples without det labels are masked out."""
+  numerator, num_objects = det_terms(heatmap_logits, size_pred, offset_pred, boxes, classes,
+                                     example_mask, size_weight, offset_weight)
+  return numerator / jnp.maximum(num_objects, 1.0)
+
+
+def det_terms(heatmap_logits, size_pred, offset_pred, boxes, classes, example_mask,
+              size_weight: float = 5.0, offset_weight: float = 1.0):
+  """(the summed CenterNet loss, the number of objects) of `det_loss`."""
   batch, height, width, num_classes = heatmap_logits.shape
   classes = jnp.where(example_mask[:, None] > 0, classes, -1)
   heatmap, cell, sizes, offsets, valid = det_targets(boxes, classes, num_classes, (height, width))
   labelled = example_mask[:, None, None, None] > 0
   focal = focal_heatmap_loss(jnp.where(labelled, heatmap_logits, -1e4), heatmap)
-  num_objects = jnp.maximum(valid.sum(), 1.0)
   gather = lambda dense: dense[jnp.arange(batch)[:, None], cell[..., 0], cell[..., 1]]
   weights = valid.astype(jnp.float32)[..., None]
   size_l1 = jnp.sum(jnp.abs(gather(size_pred) - sizes) * weights)
   offset_l1 = jnp.sum(jnp.abs(gather(offset_pred) - offsets) * weights)
-  return (focal + size_weight * size_l1 + offset_weight * offset_l1) / num_objects
+  return focal + size_weight * size_l1 + offset_weight * offset_l1, valid.sum().astype(jnp.float32)
 
 
 @base.register
@@ -145,9 +152,9 @@ class Detection(base.Task):
             base.HeadSpec("det_box_head", 4, (base.OutputSlice("det_size", 0, 2),
                                               base.OutputSlice("det_offset", 2, 4))))
 
-  def loss(self, outputs, batch, loss_config):
-    return det_loss(outputs["det_heatmap"], outputs["det_size"], outputs["det_offset"],
-                    batch["det_boxes"], batch["det_classes"], batch["det_mask"])
+  def loss_terms(self, outputs, batch, loss_config):
+    return det_terms(outputs["det_heatmap"], outputs["det_size"], outputs["det_offset"],
+                     batch["det_boxes"], batch["det_classes"], batch["det_mask"])
 
   def resize_labels(self, labels, size):
     from clipzoo_jax.data import records

@@ -12,11 +12,15 @@ from clipzoo_jax.tasks import base
 
 def normals_loss(prediction, target, example_mask):
   """Angular loss 1 - cos(angle) between unit predicted and target normals, over valid pixels."""
+  return losses.ratio(*normals_terms(prediction, target, example_mask))
+
+
+def normals_terms(prediction, target, example_mask):
   target_norm = jnp.linalg.norm(target, axis=-1)
   valid = ((target_norm > 0.5) & (example_mask[:, None, None] > 0)).astype(jnp.float32)
   pred = prediction / jnp.maximum(jnp.linalg.norm(prediction, axis=-1, keepdims=True), 1e-6)
   cosine = jnp.sum(pred * target / jnp.maximum(target_norm, 1e-6)[..., None], axis=-1)
-  return losses.masked_mean(1.0 - cosine, valid)
+  return losses.masked_terms(1.0 - cosine, valid)
 
 
 @base.register
@@ -67,8 +71,8 @@ class Normals(base.Task):
     return (base.HeadSpec("normals_head", 3,
                           (base.OutputSlice("normals", 0, 3, unit_norm=True),)),)
 
-  def loss(self, outputs, batch, loss_config):
-    return normals_loss(outputs["normals"], batch["normals"], batch["normals_mask"])
+  def loss_terms(self, outputs, batch, loss_config):
+    return normals_terms(outputs["normals"], batch["normals"], batch["normals_mask"])
 
   def resize_labels(self, labels, size):
     from clipzoo_jax.data import records

@@ -13,10 +13,14 @@ from clipzoo_jax.tasks import base
 
 def seg_loss(logits, labels, example_mask):
   """Pixel cross-entropy. logits (B,H,W,C), labels (B,H,W) int with -1 = ignore."""
+  return losses.ratio(*seg_terms(logits, labels, example_mask))
+
+
+def seg_terms(logits, labels, example_mask):
   valid = (labels >= 0) & (example_mask[:, None, None] > 0)
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   picked = jnp.take_along_axis(log_probs, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
-  return losses.masked_mean(-picked, valid.astype(jnp.float32))
+  return losses.masked_terms(-picked, valid.astype(jnp.float32))
 
 
 @base.register
@@ -66,8 +70,8 @@ class Segmentation(base.Task):
     classes = int(model_config.heads.num_seg_classes)
     return (base.HeadSpec("seg_head", classes, (base.OutputSlice("seg", 0, classes),)),)
 
-  def loss(self, outputs, batch, loss_config):
-    return seg_loss(outputs["seg"], batch["seg"], batch["seg_mask"])
+  def loss_terms(self, outputs, batch, loss_config):
+    return seg_terms(outputs["seg"], batch["seg"], batch["seg_mask"])
 
   def resize_labels(self, labels, size):
     from clipzoo_jax.data import records
