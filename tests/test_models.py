@@ -116,3 +116,23 @@ def test_uint8_pixels_are_clip_normalized_on_the_device():
   b = model.apply({"params": params}, jnp.asarray(normalized, jnp.float32), tokens)
   np.testing.assert_allclose(a["image_embedding"], b["image_embedding"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(a["heads"]["seg"], b["heads"]["seg"], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_softmax_equals_jax_softmax_and_keeps_bfloat16_probabilities():
+  """The attention softmax's custom backward equals autodiff of jax.nn.softmax in float32; in
+  bfloat16 it returns (and saves) bfloat16 probabilities whose gradient stays within bf16
+  rounding of the float32 one."""
+  from clipzoo_jax.models import transformer as tfm
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5, 7)) * 3, jnp.float32)
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 5, 7)), jnp.float32)
+  loss = lambda fn: lambda x: jnp.sum(fn(x).astype(jnp.float32) * weights)
+  reference = lambda x: jax.nn.softmax(x, axis=-1)
+  np.testing.assert_allclose(tfm.softmax_keeping_dtype(logits), reference(logits), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(loss(tfm.softmax_keeping_dtype))(logits),
+                             jax.grad(loss(reference))(logits), rtol=1e-5, atol=1e-7)
+  half = logits.astype(jnp.bfloat16)
+  assert tfm.softmax_keeping_dtype(half).dtype == jnp.bfloat16
+  grad_half = jax.grad(loss(tfm.softmax_keeping_dtype))(half)
+  assert grad_half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(grad_half.astype(jnp.float32), jax.grad(loss(reference))(logits),
+                             atol=0.02)
