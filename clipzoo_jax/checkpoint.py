@@ -1,12 +1,14 @@
 """Orbax checkpoints of a run: items `state` ({step, params, opt_state}), `data` (the input
 iterator's JSON state) and `integrity` (checksums of the state), under
-`<workdir>/checkpoints/<step>/`.
+`<workdir>/checkpoints/<step>/`, on local disk or in a bucket (`gs://`: Orbax writes through
+TensorStore's GCS driver and etils.epath).
 
-Orbax commits a step atomically (temporary directory renamed when complete), so a killed save
-never looks like a checkpoint. What can still go wrong on disk (a file deleted, truncated or with
-a flipped byte) is caught at restore: a step that does not restore, or whose contents differ from
-the checksums recorded when it was saved, is reported, set aside under `checkpoints_damaged/`,
-and the previous step is restored instead.
+Orbax commits a step atomically (locally a temporary directory renamed when complete; in a bucket
+a `commit_success.txt` written last), so a killed save never looks like a checkpoint. What can
+still go wrong on disk (a file deleted, truncated or with a flipped byte) is caught at restore: a
+step that does not restore, or whose contents differ from the checksums recorded when it was
+saved, is reported, set aside under `checkpoints_damaged/`, and the previous step is restored
+instead.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 
 import jax
@@ -25,6 +26,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from clipzoo_jax import cli
+from clipzoo_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ MIN_REPLICA_PARALLEL_SLICE_BYTES = 1 << 20
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return storage.join(storage.absolute(workdir), "checkpoints")
 
 
 # The leaf types of a state or restored tree (Orbax's standard ones), each keeping Orbax's own
@@ -91,14 +93,21 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
 
 
 def _probe_writable(directory: str) -> None:
-  """Fails now, naming the directory, where Orbax would wait 300 s on a barrier and then fail."""
+  """Fails now, naming the directory, where Orbax would wait 300 s on a barrier and then fail.
+  In a bucket the probe is an object written and deleted (a missing bucket, no permission)."""
   try:
+    if storage.is_url(directory):
+      probe = storage.join(directory, f".write-probe-{os.getpid()}")
+      storage.write_bytes(probe, b"")
+      storage.remove(probe)
+      return
     os.makedirs(directory, exist_ok=True)
     probe = os.path.join(directory, f".write-probe-{os.getpid()}")
     os.mkdir(probe)
     os.rmdir(probe)
   except OSError as error:
-    raise CheckpointError(f"{directory}: checkpoints cannot be written there ({error}); fix the "
+    reason = storage.bucket_problem(directory) or _first_line(error)
+    raise CheckpointError(f"{directory}: checkpoints cannot be written there ({reason}); fix the "
                           "directory or pass another --workdir") from None
 
 
@@ -132,7 +141,7 @@ class Checkpointer:
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
     items = {STATE: ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args),
              DATA: ocp.args.JsonRestore()}
-    verify = os.path.isdir(os.path.join(self.directory, str(step), INTEGRITY))
+    verify = storage.isdir(storage.join(self.directory, str(step), INTEGRITY))
     if verify:
       items[INTEGRITY] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -144,8 +153,8 @@ class Checkpointer:
     expected, found = integrity["checksums"], state_checksums(state)
     wrong = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
     if wrong:
-      raise CheckpointError(f"{os.path.join(self.directory, str(step))}: {len(wrong)} arrays differ "
-                            f"from the checksums recorded when it was saved: {wrong[:4]}"
+      raise CheckpointError(f"{storage.join(self.directory, str(step))}: {len(wrong)} arrays "
+                            f"differ from the checksums recorded when it was saved: {wrong[:4]}"
                             f"{' ...' if len(wrong) > 4 else ''}")
 
   def restore_latest(self, abstract_state):
@@ -174,11 +183,11 @@ class Checkpointer:
     save of the same step number does not collide with them."""
     self.wait()
     if jax.process_index() == 0:
-      damaged = os.path.join(os.path.dirname(self.directory), "checkpoints_damaged")
-      os.makedirs(damaged, exist_ok=True)
+      damaged = storage.join(storage.dirname(self.directory), "checkpoints_damaged")
+      storage.makedirs(damaged)
       for step in steps:
-        target = os.path.join(damaged, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(os.path.join(self.directory, str(step)), target)
+        target = storage.join(damaged, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        storage.move_tree(storage.join(self.directory, str(step)), target)
         log.warning("set the damaged checkpoint %d aside: %s", step, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("checkpoints_set_aside")
@@ -194,17 +203,15 @@ class Checkpointer:
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_NAME), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+    storage.makedirs(workdir)
+    storage.write_text(storage.join(workdir, CONFIG_NAME), config.to_json_best_effort(indent=1))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_NAME)
-  if not os.path.exists(path):
+  path = storage.join(workdir, CONFIG_NAME)
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path}: no config; is {workdir} a training workdir?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(storage.read_text(path)))
 
 
 def restore_params(workdir: str, step: int | None = None):

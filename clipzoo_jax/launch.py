@@ -5,7 +5,8 @@ worker with a log per worker, and status, logs, stop and delete.
 Everything here builds argument lists; one function (`Shell.run`) executes them, and prints them
 shell-quoted instead under --dry_run. Resuming after a spot preemption is rerunning `run`: the
 VM's state decides the sequence (missing: create; PREEMPTED: delete, create; READY: reuse), and the
-trainer continues from the newest checkpoint in the workdir (a shared path on multi-host pods).
+trainer continues from the newest checkpoint in the workdir (gs://BUCKET/RUN, or a path every host
+mounts, on multi-host pods).
 """
 
 from __future__ import annotations

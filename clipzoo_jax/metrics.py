@@ -5,19 +5,24 @@ merged into that step's row. A resumed run opens the writer at its checkpoint st
 are dropped (those steps will run again), so a step redone after a crash replaces its row instead
 of repeating it. TensorBoard is rebuilt from the file whenever the file is rewritten, so the file,
 TensorBoard, the plots and any reader (`read_rows`) always agree. Only process 0 writes.
+
+A workdir in a bucket (`storage`, e.g. gs://) has no append: each flush uploads the whole
+`metrics.jsonl` again (one object write per logged step, so readers see the old file or the new
+one), and TensorBoard's event file is written locally and uploaded after each flush.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
+import shutil
+import tempfile
 from typing import Mapping
 
 import jax
 import numpy as np
 
-from clipzoo_jax import atomic_files
+from clipzoo_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -30,11 +35,11 @@ def _scalar(value) -> float:
 def read_rows(workdir: str) -> list[dict]:
   """The rows of `<workdir>/metrics.jsonl`, one per step in step order. Rows of the same step
   (files written before rows were merged) are merged, later values winning."""
-  path = os.path.join(workdir, METRICS_FILE)
+  path = storage.join(workdir, METRICS_FILE)
   rows: dict[int, dict] = {}
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return []
-  with open(path) as f:
+  with storage.open_file(path, "r") as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -64,13 +69,16 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, resume_step: int | None = None, tensorboard: bool = True):
     self.is_writer = jax.process_index() == 0
-    self.path = os.path.join(workdir, METRICS_FILE)
-    self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIR) if tensorboard else None
+    self.workdir = workdir
+    self.path = storage.join(workdir, METRICS_FILE)
+    self.tensorboard_dir = storage.join(workdir, TENSORBOARD_DIR) if tensorboard else None
     self._pending: dict[int, dict] = {}
     self._last_step: int | None = None
+    self._text: str | None = None  # the file's content, kept where it cannot be appended to
     self._tb = None
+    self._tb_staging: str | None = None  # the local event files of a TensorBoard in a bucket
     if self.is_writer:
-      os.makedirs(workdir, exist_ok=True)
+      storage.makedirs(workdir)
       rows = read_rows(workdir)
       if resume_step is not None:
         rows = [row for row in rows if row["step"] <= resume_step]
@@ -88,35 +96,40 @@ class MetricsWriter:
     if not self.is_writer or not pending:
       return
     if self._last_step is not None and min(pending) <= self._last_step:
-      merged = {row["step"]: row for row in read_rows(os.path.dirname(self.path))}
+      merged = {row["step"]: row for row in read_rows(self.workdir)}
       for step, row in pending.items():
         merged.setdefault(step, {}).update(row)
       self._rewrite([merged[step] for step in sorted(merged)])
       return
     rows = [pending[step] for step in sorted(pending)]
-    with open(self.path, "a") as f:
-      f.write(_jsonl(rows))
+    if self._text is None:
+      with open(self.path, "a") as f:
+        f.write(_jsonl(rows))
+    else:  # an object store: the whole file again
+      self._text += _jsonl(rows)
+      storage.write_text(self.path, self._text)
     self._add_to_tensorboard(rows)
     self._last_step = rows[-1]["step"]
 
   def close(self) -> None:
     self.flush()
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    self._close_tensorboard()
 
   def _rewrite(self, rows: list[dict]) -> None:
     """The file and TensorBoard become exactly `rows`."""
-    atomic_files.write_text(self.path, _jsonl(rows))
+    text = _jsonl(rows)
+    storage.write_text(self.path, text)
+    self._text = text if storage.is_url(self.path) else None
     self._last_step = rows[-1]["step"] if rows else None
     if self.tensorboard_dir is None:
       return
-    if self._tb is not None:
-      self._tb.close()
-    for events in glob.glob(os.path.join(self.tensorboard_dir, "events.out.tfevents.*")):
-      os.remove(events)
+    self._close_tensorboard()
+    for events in storage.glob(storage.join(self.tensorboard_dir, "events.out.tfevents.*")):
+      storage.remove(events)
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    self._tb = SummaryWriter(self.tensorboard_dir)
+    if storage.is_url(self.tensorboard_dir):
+      self._tb_staging = tempfile.mkdtemp(prefix="tensorboard-")
+    self._tb = SummaryWriter(self._tb_staging or self.tensorboard_dir)
     self._add_to_tensorboard(rows)
 
   def _add_to_tensorboard(self, rows: list[dict]) -> None:
@@ -127,3 +140,21 @@ class MetricsWriter:
         if name != "step":
           self._tb.add_scalar(name, value, row["step"])
     self._tb.flush()
+    self._upload_tensorboard()
+
+  def _upload_tensorboard(self) -> None:
+    """A TensorBoard in a bucket: its local event file, uploaded whole."""
+    if self._tb_staging is None:
+      return
+    for name in os.listdir(self._tb_staging):
+      with open(os.path.join(self._tb_staging, name), "rb") as f:
+        storage.write_bytes(storage.join(self.tensorboard_dir, name), f.read())
+
+  def _close_tensorboard(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._upload_tensorboard()
+      self._tb = None
+    if self._tb_staging is not None:
+      shutil.rmtree(self._tb_staging, ignore_errors=True)
+      self._tb_staging = None

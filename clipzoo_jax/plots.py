@@ -3,9 +3,10 @@ from the same rows `metrics.read_rows` gives every other reader."""
 
 from __future__ import annotations
 
-import os
+import io
 
 from clipzoo_jax import metrics
+from clipzoo_jax import storage
 
 
 def loss_series(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -18,7 +19,8 @@ def loss_series(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def plot_losses(workdir: str, out: str | None = None) -> str:
-  """Writes `<workdir>/loss.png`: one panel per loss (`loss`, `loss/<task>`); returns its path."""
+  """Writes `<workdir>/loss.png` (local or in a bucket): one panel per loss (`loss`,
+  `loss/<task>`); returns its path."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -31,9 +33,11 @@ def plot_losses(workdir: str, out: str | None = None) -> str:
     ax.set_title(name, fontsize=10)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-  fig.suptitle(os.path.basename(os.path.abspath(workdir)), fontsize=10)
+  fig.suptitle(storage.basename(storage.absolute(workdir)), fontsize=10)
   fig.tight_layout()
-  out = out or os.path.join(workdir, "loss.png")
-  fig.savefig(out, dpi=100)
+  out = out or storage.join(workdir, "loss.png")
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
+  storage.write_bytes(out, png.getvalue())
   return out

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 
 import jax
@@ -22,6 +21,7 @@ from clipzoo_jax import periodic
 from clipzoo_jax import progress as progress_lib
 from clipzoo_jax import run as run_lib
 from clipzoo_jax import stop_signal
+from clipzoo_jax import storage
 from clipzoo_jax import tasks as task_lib
 from clipzoo_jax.convert import text_pooling
 from clipzoo_jax.data import pipelines, prepare, shards
@@ -55,7 +55,7 @@ def make_pipeline(config: ml_collections.ConfigDict, workdir: str) -> pipelines.
   """The training input of this process: data and tokenizer made to exist, then the loader."""
   dataset_dir = prepare.prepare_dataset(config.data, workdir)
   task_lib.check_dataset(config.model.heads.tasks, shards.read_manifest(dataset_dir),
-                         config.model, os.path.join(dataset_dir, shards.MANIFEST_NAME))
+                         config.model, storage.join(dataset_dir, shards.MANIFEST_NAME))
   tokenizer = prepare.prepare_tokenizer(config.tokenizer, dataset_dir, workdir)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise cli.UserError(f"config.model.text.vocab_size {config.model.text.vocab_size} is smaller than "
@@ -110,31 +110,40 @@ def _check_start(start: int, config) -> bool:
   return start < config.total_steps
 
 
-def check_local_paths(config, workdir: str) -> None:
-  """Object-store URLs are not read or written yet: refuse them before anything is created
-  (a local directory named `gs:` would otherwise silently hold the run)."""
+def check_paths(config, workdir: str) -> None:
+  """The workdir, data and tokenizer may be local paths or URLs (`gs://bucket/path`, `storage`).
+  Before anything is created, each URL must name a scheme this machine can read and a bucket
+  that exists; a problem is one line naming the flag or config key and the path."""
+  model_init = config.get("model_init")
+  if model_init and storage.is_url(model_init):
+    raise cli.UserError(f"config.model_init: {model_init} is a URL; a pre-trained model is read "
+                        "from a local file or folder: copy it to the machine first (e.g. "
+                        f"gcloud storage cp -r {model_init} /tmp/)")
   paths = {"--workdir": workdir, "config.data.directory": config.data.get("directory"),
-           "config.tokenizer.directory": config.tokenizer.get("directory"),
-           "config.model_init": config.get("model_init")}
+           "config.tokenizer.directory": config.tokenizer.get("directory")}
   for name, source in dict(config.data.get("sources") or {}).items():
     paths[f"config.data.sources.{name}.directory"] = source.get("directory")
   for where, path in paths.items():
-    if path and "://" in str(path):
-      raise cli.UserError(f"{where}: {path} is a URL; object-store paths are not supported yet. "
-                          "Use a path every host mounts (NFS/Filestore, or the bucket through "
-                          "gcsfuse)")
+    if not path or not storage.is_url(path):
+      continue
+    try:
+      problem = storage.bucket_problem(str(path))
+    except storage.StorageError as error:
+      raise cli.UserError(f"{where}: {error}") from None
+    if problem:
+      raise cli.UserError(f"{where}: {path}: {problem}")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
   """Trains (or resumes) in `workdir` on `devices` (default: all); returns the last logged
   metrics row. Everything that can be checked without compiling or reading data is checked
   first."""
-  check_local_paths(config, workdir)
+  check_paths(config, workdir)
   stop = StopRequest(config.get("preemption_check_every", 1))
   run = run_lib.setup(config, devices)
   log.info("mesh %s", dict(run.mesh.shape))
   previous = (checkpoint_lib.load_config(workdir)
-              if os.path.exists(os.path.join(workdir, checkpoint_lib.CONFIG_NAME)) else None)
+              if storage.exists(storage.join(workdir, checkpoint_lib.CONFIG_NAME)) else None)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.get("keep_checkpoints", 3),
                                              config.get("async_checkpointing", True))
   latest = checkpointer.latest_step()

@@ -44,16 +44,3 @@ def test_model_init_replaces_towers_and_keeps_fresh_heads(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), b)
   kernel = state["params"]["img"]["encoder"]["block_0"]["mlp"]["fc"]["kernel"]
   assert kernel.sharding == shardings["params"]["img"]["encoder"]["block_0"]["mlp"]["fc"]["kernel"]
-
-
-def test_object_store_paths_are_refused_before_anything_is_written(tmp_path, monkeypatch):
-  import pytest
-  from clipzoo_jax import cli, train
-  monkeypatch.chdir(tmp_path)
-  config = helpers.tiny_config(tasks=("seg",))
-  with pytest.raises(cli.UserError, match=r"--workdir: gs://bucket/run is a URL"):
-    train.train(config, "gs://bucket/run")
-  config.data.directory = "gs://bucket/cc3m"
-  with pytest.raises(cli.UserError, match=r"config.data.directory: gs://bucket/cc3m is a URL"):
-    train.train(config, str(tmp_path / "run"))
-  assert not any(tmp_path.iterdir())  # no local "gs:" directory, no workdir

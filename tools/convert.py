@@ -14,6 +14,7 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("EPATH_USE_TF", "false")  # gs:// workdirs: Orbax on gcsfs, as tools/train.py
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clipzoo_jax import cli  # noqa: E402

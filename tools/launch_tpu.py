@@ -40,7 +40,8 @@ def parse(argv):
   parser.add_argument("--spot", action="store_true", help="spot (preemptible) capacity")
   parser.add_argument("--queued", action="store_true", help="create through a queued resource")
   parser.add_argument("--config", help="configs/file.py[:args] (inside this repository)")
-  parser.add_argument("--workdir", help="the run's workdir: the same path on every host (NFS or a gcsfuse mount)")
+  parser.add_argument("--workdir", help="the run's workdir, one every host reaches: "
+                      "gs://BUCKET/RUN or a shared mount (NFS, gcsfuse)")
   parser.add_argument("--repo_dir", default="clipzoo_jax", help="code directory on the VMs, "
                       "relative to the login's home")
   parser.add_argument("--sweep", action="store_true", help="one job per point of sweep()")

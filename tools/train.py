@@ -1,6 +1,8 @@
 r"""Train (or resume) CLIPTeX / CLIP-FT from an ml_collections config.
 
   python tools/train.py --config configs/demo.py --workdir workdirs/demo [--config.total_steps=60]
+  python tools/train.py --config configs/cliptex.py --workdir gs://BUCKET/run1 \
+      --config.data.directory=gs://BUCKET/cc3m_labels --config.tokenizer.directory=gs://BUCKET/clip
 
 Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
@@ -9,6 +11,9 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# gs:// paths: Orbax's etils.epath uses fsspec (gcsfs), the client clipzoo_jax.storage uses,
+# rather than TensorFlow's GCS file system: one client and one set of credentials for the run.
+os.environ.setdefault("EPATH_USE_TF", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clipzoo_jax import stop_signal  # noqa: E402

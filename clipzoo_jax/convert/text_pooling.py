@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
+from clipzoo_jax import storage
 from clipzoo_jax.convert import errors
 
 EOT = "<|endoftext|>"  # clipzoo_jax.data.tokenizer.EOT, OpenAI's and Hugging Face's CLIP tokenizers
@@ -29,8 +29,8 @@ class TokenizerIds:
 
 
 def _vocabulary(path: str) -> dict:
-  with errors.reading(path, "tokenizer file"), open(path, encoding="utf-8") as f:
-    data = json.load(f)
+  with errors.reading(path, "tokenizer file"):
+    data = json.loads(storage.read_text(path))
   if path.endswith("tokenizer.json"):
     model = data.get("model") if isinstance(data, dict) else None
     vocab = dict(model.get("vocab") or {}) if isinstance(model, dict) else None
@@ -50,8 +50,8 @@ def read_tokenizer_ids(directory: str) -> TokenizerIds | None:
   """The tokenizer ids of a folder's `tokenizer.json` (preferred, as transformers) or
   `vocab.json`; None when it has neither."""
   for name in ("tokenizer.json", "vocab.json"):
-    path = os.path.join(directory, name)
-    if os.path.isfile(path):
+    path = storage.join(directory, name)
+    if storage.exists(path):
       vocab = _vocabulary(path)
       return TokenizerIds(vocab.get(EOT), max(vocab.values()), path)
   return None

@@ -1,5 +1,10 @@
 """Makes a run's inputs exist before training: the built-in toy-world shards (when the config asks
-for them) and a tokenizer (loaded from a CLIP folder, or trained on the dataset's captions)."""
+for them) and a tokenizer (loaded from a CLIP folder, or trained on the dataset's captions).
+
+Either may live in a bucket (`storage`): with `--workdir=gs://...` and the demo's data directory
+(relative to the workdir) the toy world is generated on this machine and uploaded to
+`<workdir>/data/toyworld`, and the tokenizer trained on its captions is written to
+`<workdir>/tokenizer`."""
 
 from __future__ import annotations
 
@@ -10,22 +15,30 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
+from clipzoo_jax import storage
 from clipzoo_jax.data import shards
 
 
 def resolve_path(path: str, workdir: str) -> str:
-  """Config paths are relative to the workdir unless absolute (or `~`)."""
+  """Config paths are relative to the workdir unless absolute (or `~`) or a URL (`gs://...`);
+  the workdir itself may be a URL."""
+  if storage.is_url(path):
+    return path
   path = os.path.expanduser(path)
-  return path if os.path.isabs(path) else os.path.join(os.path.abspath(workdir), path)
+  return path if os.path.isabs(path) else storage.join(storage.absolute(workdir), path)
 
 
 def dataset_captions(directory: str, limit: int) -> list[str]:
-  import tensorflow as tf
-  files = shards.shard_paths(directory)
-  features = {"text": tf.io.FixedLenFeature([], tf.string)}
-  dataset = tf.data.TFRecordDataset(files).take(limit).map(
-      lambda s: tf.io.parse_single_example(s, features)["text"])
-  return [t.decode("utf-8") for t in dataset.as_numpy_iterator()]
+  """The captions of the first `limit` records in manifest order, local or in a bucket."""
+  # pylint: disable-next=import-outside-toplevel
+  from clipzoo_jax.data import example_proto, random_access
+  captions = []
+  for path in shards.shard_paths(directory):
+    for serialized in random_access.read_in_order(path):
+      if len(captions) == limit:
+        return captions
+      captions.append(example_proto.parse(serialized)["text"][0].decode("utf-8"))
+  return captions
 
 
 def _on_process_zero_then_sync(fn, name: str):
@@ -37,7 +50,7 @@ def _on_process_zero_then_sync(fn, name: str):
 
 def _holds_other_dataset(directory: str) -> bool:
   """Whether `directory` has a complete dataset that the toy-world generator did not write."""
-  if not os.path.exists(os.path.join(directory, shards.MANIFEST_NAME)):
+  if not storage.exists(storage.join(directory, shards.MANIFEST_NAME)):
     return False
   return "toyworld" not in shards.read_manifest(directory)
 
@@ -66,8 +79,8 @@ def prepare_tokenizer(tokenizer_config: ml_collections.ConfigDict, dataset_dir: 
   the dataset's captions there first (the demo's case)."""
   from clipzoo_jax.data import tokenizer as tokenizer_lib
   directory = resolve_path(tokenizer_config.directory, workdir)
-  has_files = os.path.exists(os.path.join(directory, "vocab.json")) or os.path.exists(
-      os.path.join(directory, "tokenizer.json"))
+  has_files = storage.exists(storage.join(directory, "vocab.json")) or storage.exists(
+      storage.join(directory, "tokenizer.json"))
   if not has_files:
     vocab_size = tokenizer_config.get("train_vocab_size")
     if not vocab_size:

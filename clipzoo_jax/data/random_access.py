@@ -1,10 +1,11 @@
 """Random access to the records of TFRecord shards through their `<shard>.index` byte offsets.
 
-A `ShardRecords` is the grain data source of one shard directory: `len()` records in manifest
-order, `records[i]` reads one record with a seek and two reads and checks its length and data
-CRCs, so a reader can start anywhere in constant time. A record that cannot be read (a truncated
-shard, a broken checksum) comes back as a `BadRecord` naming the shard and its position, which the
-loader skips and counts instead of stopping.
+A `ShardRecords` is the grain data source of one shard directory, on local disk or in a bucket
+(`storage`): `len()` records in manifest order, `records[i]` reads one record (header, data and
+footer in one read, since the next record's offset bounds it; the last record of a shard takes
+two) and checks its length and data CRCs, so a reader can start anywhere in constant time. A
+record that cannot be read (a truncated shard, a broken checksum) comes back as a `BadRecord`
+naming the shard and its position, which the loader skips and counts instead of stopping.
 
 Shards without an index (written by other tools) are scanned once when the source is built.
 """
@@ -12,13 +13,16 @@ Shards without an index (written by other tools) are scanned once when the sourc
 from __future__ import annotations
 
 import dataclasses
-import os
+import itertools
 import struct
+from typing import Iterator
+
 import google_crc32c
 import numpy as np
 
 from clipzoo_jax import cli
-from clipzoo_jax.data import shards
+from clipzoo_jax import storage
+from clipzoo_jax.data import records, shards
 
 _HEADER = 12  # uint64 length + uint32 masked crc of the length
 _FOOTER = 4   # uint32 masked crc of the data
@@ -40,11 +44,47 @@ def masked_crc(data: bytes) -> int:
   return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
+def _record_length(header: bytes) -> int | str:
+  """The data length a record's header gives, or why the header cannot be read."""
+  if len(header) < _HEADER:
+    return "the shard ends before the record (truncated)"
+  length, length_crc = struct.unpack("<QI", header)
+  if masked_crc(header[:8]) != length_crc:
+    return "the record's length checksum does not match"
+  return length
+
+
+def _record_data(length: int, data: bytes) -> bytes | str:
+  """The record's data from the bytes after its header (data and footer), or why not."""
+  if len(data) < length + _FOOTER:
+    return (f"the shard ends inside the record ({len(data)} of {length + _FOOTER} bytes; "
+            "truncated)")
+  (data_crc,) = struct.unpack("<I", data[length:length + _FOOTER])
+  if masked_crc(data[:length]) != data_crc:
+    return "the record's data checksum does not match"
+  return data[:length]
+
+
+def read_in_order(path: str) -> Iterator[bytes]:
+  """The records of one shard from its start, read as a stream (on a bucket: a request per
+  buffered block, not per record); a damaged record ends it with a RecordError naming it."""
+  with storage.open_file(path, "rb") as f:
+    for position in itertools.count():
+      header = f.read(_HEADER)
+      if not header:
+        return
+      length = _record_length(header)
+      record = length if isinstance(length, str) else _record_data(length, f.read(length + _FOOTER))
+      if isinstance(record, str):
+        raise records.RecordError(f"{path}: record {position}: {record}")
+      yield record
+
+
 def scan_offsets(path: str) -> np.ndarray:
   """Byte offsets of every record of a TFRecord file, read from the headers (no index file)."""
   offsets = []
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
+  with storage.open_file(path, "rb") as f:
+    size = f.seek(0, 2)
     position = 0
     while position + _HEADER <= size:
       f.seek(position)
@@ -62,12 +102,12 @@ def read_offsets(shard_path: str, num_records: int) -> np.ndarray:
   Raises cli.UserError when the index does not list `num_records` offsets (the manifest's count).
   """
   index = shards.index_path(shard_path)
-  if os.path.exists(index):
-    offsets = np.fromfile(index, dtype="<i8")
+  if storage.exists(index):
+    offsets = np.frombuffer(storage.read_bytes(index), dtype="<i8")
     where = index
   else:
     offsets = scan_offsets(shard_path)
-    where = f"{shard_path} (scanned: no {os.path.basename(index)})"
+    where = f"{shard_path} (scanned: no {storage.basename(index)})"
   if len(offsets) != num_records:
     raise cli.UserError(f"{where}: {len(offsets)} record offsets, but the manifest says the shard "
                         f"has {num_records} records")
@@ -90,15 +130,12 @@ class ShardRecords:
       raise cli.UserError(f"{directory}: the manifest lists no records")
     self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     self._offsets = [read_offsets(p, n) for p, n in zip(self.paths, counts)]
-    self._files: dict[int, int] = {}
+    # Bytes from a record to the next one (header, data, footer); unknown for a shard's last.
+    self._spans = [np.diff(offsets) for offsets in self._offsets]
+    self._readers = [storage.RangeReader(path) for path in self.paths]
 
   def __len__(self) -> int:
     return int(self._starts[-1])
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_files"] = {}
-    return state
 
   def __repr__(self) -> str:
     return f"ShardRecords({self.directory!r}, {len(self)} records)"
@@ -110,37 +147,24 @@ class ShardRecords:
     shard = int(np.searchsorted(self._starts, index, side="right")) - 1
     return shard, int(index - self._starts[shard])
 
-  def _fd(self, shard: int) -> int:
-    """The shard's file descriptor. Reads use os.pread (no shared file position), so grain's
-    reader threads can read one shard at the same time."""
-    if shard not in self._files:
-      fd = os.open(self.paths[shard], os.O_RDONLY)
-      if self._files.setdefault(shard, fd) != fd:  # another thread opened it first
-        os.close(fd)
-    return self._files[shard]
-
   def __getitem__(self, index: int):
     shard, position = self.locate(int(index))
-    name = os.path.basename(self.paths[shard])
     where = f"<record {position} of the shard>"
-    fd, offset = self._fd(shard), int(self._offsets[shard][position])
-    header = os.pread(fd, _HEADER, offset)
-    if len(header) < _HEADER:
-      return BadRecord(self.paths[shard], where, "the shard ends before the record (truncated)")
-    length, length_crc = struct.unpack("<QI", header)
-    if masked_crc(header[:8]) != length_crc:
-      return BadRecord(self.paths[shard], where, "the record's length checksum does not match")
-    data = os.pread(fd, length + _FOOTER, offset + _HEADER)
-    if len(data) < length + _FOOTER:
-      return BadRecord(self.paths[shard], where,
-                       f"the shard ends inside the record ({len(data)} of {length + _FOOTER} bytes; "
-                       "truncated)")
-    (data_crc,) = struct.unpack("<I", data[length:])
-    if masked_crc(data[:length]) != data_crc:
-      return BadRecord(self.paths[shard], where, "the record's data checksum does not match")
-    return name, data[:length]
+    reader, offset = self._readers[shard], int(self._offsets[shard][position])
+    spans = self._spans[shard]
+    span = max(int(spans[position]), _HEADER) if position < len(spans) else _HEADER
+    first = reader.read(offset, span)
+    length = _record_length(first[:_HEADER])
+    if isinstance(length, str):
+      return BadRecord(self.paths[shard], where, length)
+    data = first[_HEADER:_HEADER + length + _FOOTER]
+    if len(data) < length + _FOOTER:  # the shard's last record, or a shorter read
+      data = reader.read(offset + _HEADER, length + _FOOTER)
+    record = _record_data(length, data)
+    if isinstance(record, str):
+      return BadRecord(self.paths[shard], where, record)
+    return storage.basename(self.paths[shard]), record
 
   def close(self) -> None:
-    for fd in self._files.values():
-      os.close(fd)
-    self._files = {}
+    for reader in self._readers:
+      reader.close()

@@ -20,6 +20,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from clipzoo_jax import atomic_files
+from clipzoo_jax import storage
 from clipzoo_jax.data import records
 
 MANIFEST_NAME = "manifest.json"
@@ -180,12 +181,13 @@ def write_manifest(directory: str, tasks: Mapping[str, Mapping], shard_paths: Se
 
 
 def read_manifest(directory: str) -> dict:
-  path = os.path.join(directory, MANIFEST_NAME)
-  if not os.path.exists(path):
-    raise ManifestError(f"{path}: no manifest; a dataset directory needs the manifest.json "
-                        "written when all its shards are complete")
-  with open(path) as f:
-    manifest = json.load(f)
+  """The manifest of a dataset directory, local or in a bucket (`storage`)."""
+  path = storage.join(directory, MANIFEST_NAME)
+  if not storage.exists(path):
+    raise ManifestError(f"{path}: {storage.bucket_problem(path) or 'no manifest'}; a dataset "
+                        "directory needs the manifest.json written when all its shards are "
+                        "complete")
+  manifest = json.loads(storage.read_text(path))
   version = manifest.get("schema_version")
   if version != records.SCHEMA_VERSION:
     raise ManifestError(f"{path}: schema_version expected {records.SCHEMA_VERSION}, "
@@ -195,7 +197,7 @@ def read_manifest(directory: str) -> dict:
 
 def shard_paths(directory: str, manifest: dict | None = None) -> list[str]:
   manifest = manifest or read_manifest(directory)
-  return [os.path.join(directory, shard["path"]) for shard in manifest["shards"]]
+  return [storage.join(directory, shard["path"]) for shard in manifest["shards"]]
 
 
 def verify(directory: str) -> list[str]:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import collections
 import heapq
 import json
-import os
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import tokenizers
 from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
+
+from clipzoo_jax import storage
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
@@ -138,7 +139,7 @@ class Tokenizer:
 
   def save_pretrained(self, directory: str) -> list[str]:
     """Writes the Hugging Face CLIP folder layout; returns the file paths."""
-    os.makedirs(directory, exist_ok=True)
+    storage.makedirs(directory)
     files = {
         "vocab.json": json.dumps(self.vocab, ensure_ascii=False),
         "merges.txt": "\n".join([MERGES_HEADER] + [f"{a} {b}" for a, b in self.merges]) + "\n",
@@ -148,9 +149,8 @@ class Tokenizer:
     }
     paths = []
     for name, text in files.items():
-      path = os.path.join(directory, name)
-      with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+      path = storage.join(directory, name)
+      storage.write_text(path, text)
       paths.append(path)
     return paths
 
@@ -165,8 +165,7 @@ class Tokenizer:
 
 
 def _read_tokenizer_json(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
-  with open(path, encoding="utf-8") as f:
-    model = json.load(f).get("model", {})
+  model = json.loads(storage.read_text(path)).get("model", {})
   if model.get("type") != "BPE":
     raise ValueError(f"{path}: model.type expected 'BPE' (a CLIP tokenizer), "
                      f"found {model.get('type')!r}")
@@ -178,32 +177,34 @@ def _read_tokenizer_json(path: str) -> tuple[dict[str, int], list[tuple[str, str
 
 
 def _read_vocab_merges_files(vocab_path: str, merges_path: str):
-  with open(vocab_path, encoding="utf-8") as f:
-    vocab = json.load(f)
+  vocab = json.loads(storage.read_text(vocab_path))
   merges = []
-  with open(merges_path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      line = line.rstrip("\n")
-      if not line or line.startswith("#version"):
-        continue
-      pair = line.split(" ")
-      if len(pair) != 2:
-        raise ValueError(f"{merges_path}:{number}: a merge is two tokens separated by one "
-                         f"space, found {line!r}")
-      merges.append(tuple(pair))
+  for number, line in enumerate(storage.read_text(merges_path).split("\n"), 1):
+    line = line.rstrip("\r")
+    if not line or line.startswith("#version"):
+      continue
+    pair = line.split(" ")
+    if len(pair) != 2:
+      raise ValueError(f"{merges_path}:{number}: a merge is two tokens separated by one "
+                       f"space, found {line!r}")
+    merges.append(tuple(pair))
   return vocab, merges
 
 
 def read_vocab_and_merges(directory: str) -> tuple[dict[str, int], list[tuple[str, str]], str]:
-  """Vocabulary and merges of a CLIP tokenizer folder; `tokenizer.json` wins, as in transformers."""
-  tokenizer_json = os.path.join(directory, "tokenizer.json")
-  vocab_path = os.path.join(directory, "vocab.json")
-  merges_path = os.path.join(directory, "merges.txt")
-  if os.path.exists(tokenizer_json):
+  """Vocabulary and merges of a CLIP tokenizer folder, local or in a bucket (`storage`);
+  `tokenizer.json` wins, as in transformers."""
+  tokenizer_json = storage.join(directory, "tokenizer.json")
+  vocab_path = storage.join(directory, "vocab.json")
+  merges_path = storage.join(directory, "merges.txt")
+  if storage.exists(tokenizer_json):
     return (*_read_tokenizer_json(tokenizer_json), tokenizer_json)
-  if os.path.exists(vocab_path) and os.path.exists(merges_path):
+  if storage.exists(vocab_path) and storage.exists(merges_path):
     return (*_read_vocab_merges_files(vocab_path, merges_path), vocab_path)
-  found = sorted(os.listdir(directory)) if os.path.isdir(directory) else "no such directory"
+  if storage.isdir(directory):
+    found = sorted(storage.basename(p) for p in storage.glob(storage.join(directory, "*")))
+  else:
+    found = storage.bucket_problem(directory) or "no such directory"
   raise FileNotFoundError(f"{directory}: expected a CLIP tokenizer folder with tokenizer.json or "
                           f"vocab.json + merges.txt; found {found}")
 

@@ -18,12 +18,14 @@ import dataclasses
 import json
 import os
 import re
+import tempfile
 import time
 
 import numpy as np
 
 from clipzoo_jax import cli
 from clipzoo_jax import atomic_files
+from clipzoo_jax import storage
 from clipzoo_jax.data import records, shards
 
 SEG_CLASSES = ("floor", "wall", "sphere", "box", "cylinder")
@@ -495,6 +497,8 @@ def write_dataset(directory: str, num_examples: int, seed: int = 0, size: int = 
                      f"num_examples, found num_examples={num_examples}, num_shards={num_shards}")
   params = {"seed": seed, "size": size, "num_examples": num_examples, "split": split,
             "num_shards": num_shards, "jpeg_quality": jpeg_quality}
+  if storage.is_url(directory):
+    return _write_dataset_to_bucket(directory, params, verbose)
   os.makedirs(directory, exist_ok=True)
   _check_params(directory, params)
   paths = [os.path.join(directory, shards.shard_name(split, i, num_shards))
@@ -521,4 +525,25 @@ def write_dataset(directory: str, num_examples: int, seed: int = 0, size: int = 
   params_path = os.path.join(directory, PARAMS_NAME)
   if os.path.exists(params_path):  # the manifest now holds the params
     os.remove(params_path)
+  return manifest
+
+
+def _write_dataset_to_bucket(directory: str, params: dict, verbose: bool) -> dict:
+  """The toy world at a URL (`storage`). An object store cannot rename a finished shard into
+  place, so the dataset is written to a local staging directory and uploaded with its manifest
+  last: a bucket without the manifest holds no dataset yet, and a rerun uploads it again."""
+  if storage.exists(storage.join(directory, shards.MANIFEST_NAME)):
+    manifest = shards.read_manifest(directory)
+    if manifest.get("toyworld") != params:
+      raise cli.UserError(f"{storage.join(directory, shards.MANIFEST_NAME)}: toy-world params "
+                          f"differ from this call's; found {manifest.get('toyworld')}, expected "
+                          f"{params}. Use another directory or the same arguments")
+    return manifest
+  with tempfile.TemporaryDirectory(prefix="toyworld-") as staging:
+    manifest = write_dataset(staging, verbose=verbose, **params)
+    manifest["command"] = manifest["command"].replace(repr(staging), repr(directory))
+    atomic_files.write_json(os.path.join(staging, shards.MANIFEST_NAME), manifest, indent=1)
+    storage.upload_tree(staging, directory, last=[shards.MANIFEST_NAME])
+  if verbose:
+    print(f"toyworld: uploaded to {directory}", flush=True)
   return manifest

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from clipzoo_jax import cli
+from clipzoo_jax import storage
 from clipzoo_jax.data import augment, loader, prepare, shards, toyworld
 
 FIELDS = ("label", "captions", "seg", "depth", "normals", "det")
@@ -214,7 +215,7 @@ def _shards_dataset(directory: str, tasks, options):
 def shards_split(directory: str, where: str, manifest: Mapping | None = None) -> EvalSplit:
   """Pseudo-labelled shards: their tasks from the manifest, and one caption per image."""
   if manifest is None:
-    if not os.path.exists(os.path.join(directory, shards.MANIFEST_NAME)):
+    if not storage.exists(storage.join(directory, shards.MANIFEST_NAME)):
       raise cli.UserError(f"{where}.directory: {directory} has no {shards.MANIFEST_NAME}; expected "
                           "a directory of pseudo-labelled shards (tools/pseudo_label.py)")
     manifest = shards.read_manifest(directory)

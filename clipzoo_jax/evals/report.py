@@ -16,6 +16,7 @@ from clipzoo_jax import atomic_files
 from clipzoo_jax import checkpoint as checkpoint_lib
 from clipzoo_jax import cli
 from clipzoo_jax import metrics as metrics_lib
+from clipzoo_jax import storage
 
 TRAINING_COLUMNS = ("step", "loss", "learning_rate", "examples_per_sec", "grad_norm",
                     "temperature")
@@ -27,8 +28,7 @@ LOWER_IS_BETTER = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "mean", "me
 
 
 def evaluator_prefixes(workdir: str) -> list[str] | None:
-  path = os.path.join(workdir, checkpoint_lib.CONFIG_NAME)
-  if not os.path.exists(path):
+  if not storage.exists(storage.join(workdir, checkpoint_lib.CONFIG_NAME)):
     return None
   evals = checkpoint_lib.load_config(workdir).get("evals") or {}
   return [(evals[name].get("prefix") or name) + "/" for name in evals] or None
@@ -116,7 +116,7 @@ def compare(workdirs: list[str], out_dir: str, names: list[str] | None = None) -
   """Writes `<out_dir>/report.md` and `<out_dir>/report.png`; returns their paths."""
   if not workdirs:
     raise cli.UserError("--workdirs: give at least one run's workdir")
-  names = list(names or [os.path.basename(os.path.abspath(w)) for w in workdirs])
+  names = list(names or [storage.basename(storage.absolute(w)) for w in workdirs])
   if len(names) != len(workdirs):
     raise cli.UserError(f"--names: expected {len(workdirs)} names (one per workdir), found "
                         f"{len(names)}")

@@ -10,7 +10,6 @@ the same numbers here as it did during training (on the same device count).
 
 from __future__ import annotations
 
-import os
 
 import jax
 import ml_collections
@@ -20,6 +19,7 @@ from clipzoo_jax import checkpoint as checkpoint_lib
 from clipzoo_jax import cli
 from clipzoo_jax import metrics as metrics_lib
 from clipzoo_jax import run as run_lib
+from clipzoo_jax import storage
 from clipzoo_jax import evals
 
 
@@ -27,7 +27,7 @@ def config_for(workdir: str, config: ml_collections.ConfigDict | None):
   """The given config, else the one training saved in the workdir."""
   if config is not None:
     return config
-  if not os.path.exists(os.path.join(workdir, checkpoint_lib.CONFIG_NAME)):
+  if not storage.exists(storage.join(workdir, checkpoint_lib.CONFIG_NAME)):
     raise cli.UserError(f"--workdir {workdir}: no {checkpoint_lib.CONFIG_NAME}; pass --config")
   return checkpoint_lib.load_config(workdir)
 
