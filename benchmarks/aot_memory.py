@@ -37,10 +37,18 @@ CASES = {
     "b16_dots_with_no_batch_dims_saveable": (B16, "dots_with_no_batch_dims_saveable", None, 8.22),
     "b16_dots_saveable": (B16, "dots_saveable", 10.03, None),
     "b16_none": (B16, "none", 12.42, None),  # the issue: does not fit (25.5 GB temporaries)
+    "b16_none_chunk4096": (B16, "none", 12.42, None),
+    "b16_none_accum2": (B16, "none", 12.42, None),
+    "b16_none_accum4": (B16, "none", 12.42, None),
     "l14_full": (L14, "full", 10.77, None),
     "l14_full_towers_only": (L14, "full", 10.77, None),  # tasks=none: what big_vision measured
 }
 CONFIG_ARGS = {"l14_full_towers_only": "tasks=none"}  # beyond variant and batch size
+# The loss's memory levers (config keys set after the config is built): the contrastive logits
+# 4096 rows at a time, and gradient accumulation over 2 or 4 micro-batches (same gradient).
+OVERRIDES = {"b16_none_chunk4096": {"loss.contrastive_chunk": 4096},
+             "b16_none_accum2": {"grad_accum_steps": 2},
+             "b16_none_accum4": {"grad_accum_steps": 4}}
 GLOBAL_BATCH = 32768
 
 
@@ -53,6 +61,12 @@ def case_config(name: str):
   config.model.remat = remat
   config.model.scan_layers = True
   config.mesh = [1, -1, 1]  # fsdp over every chip
+  for key, value in OVERRIDES.get(name, {}).items():
+    *parents, leaf = key.split(".")
+    target = config
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
   return config
 
 
@@ -63,6 +77,7 @@ def child(name: str) -> dict:
   config = case_config(name)
   row = {"case": name, "variant": shape["variant"], "pod": shape["pod"],
          "tasks": list(config.model.heads.tasks), "topology": shape["topology"], "remat": remat,
+         "overrides": OVERRIDES.get(name, {}),
          "global_batch": GLOBAL_BATCH, "big_vision_gib": big_vision, "issue_cliptex_gib": issue}
   start = time.perf_counter()
   try:

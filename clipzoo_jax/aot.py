@@ -172,8 +172,13 @@ def levers(config: ml_collections.ConfigDict) -> str:
   if not (data == 1 and fsdp == -1):
     found.append(f"a larger fsdp mesh size (config.mesh {list(config.mesh)}; [1,-1,1] shards "
                  "the state over every chip)")
+  steps = int(config.get("grad_accum_steps", 1))
+  found.append(f"gradient accumulation (config.grad_accum_steps {steps}: activations of one "
+               "micro-batch at a time, same gradient)")
+  if not config.loss.get("contrastive_chunk"):
+    found.append("config.loss.contrastive_chunk (the contrastive logits a chunk of rows at a "
+                 "time)")
   found.append(f"a smaller config.global_batch_size ({config.global_batch_size})")
-  found.append("gradient accumulation (not in the trainer yet)")
   return "levers: " + ", ".join(found)
 
 
@@ -207,6 +212,7 @@ def step_flops(config: ml_collections.ConfigDict) -> float:
   program): the unpartitioned program, and so its count, is the same on any mesh."""
   unrolled = config.copy_and_resolve_references()
   unrolled.model.scan_layers = False
+  unrolled.grad_accum_unroll = True  # every micro-batch counted, not one loop body
   unrolled.mesh, unrolled.mesh_allow_shrink = [1, 1, 1], False
   run = run_lib.setup(unrolled, jax.devices("cpu")[:1])
   lowered = run.train_step.lower(run.abstract_state, run.abstract_batch)

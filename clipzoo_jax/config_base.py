@@ -19,6 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.async_checkpointing = True
   config.global_batch_size = 32
+  config.grad_accum_steps = 1  # micro-batches per step (same loss and gradient; less memory)
   config.mesh = [-1, 1, 1]          # sizes of ('data', 'fsdp', 'tensor'); one -1 fills
   config.mesh_allow_shrink = False  # True: fixed sizes shrink to fit fewer devices (demo only)
   config.sharding_rules = []        # [[logical_name, mesh_axes], ...] replacing defaults
@@ -28,7 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
       directory="tokenizer", context_length=77,
       train_vocab_size=ml_collections.FieldReference(None, field_type=int),
       train_on_examples=20000))
-  config.loss = ml_collections.ConfigDict(dict(weights={}, depth="ssi"))
+  # contrastive: 'softmax' (CLIP) or 'sigmoid' (SigLIP; needs model.logit_bias_init);
+  # contrastive_chunk: rows of the contrastive logits computed at a time (0: all at once)
+  config.loss = ml_collections.ConfigDict(dict(weights={}, depth="ssi", contrastive="softmax",
+                                               contrastive_chunk=0))
   config.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, warmup_steps=100,
       end_lr_factor=0.0, grad_clip_norm=1.0, freeze=[], lr_multipliers=[],
@@ -57,6 +61,7 @@ def demo_config(tasks) -> ml_collections.ConfigDict:
   config.log_every = 10
   config.checkpoint_every = 100
   config.global_batch_size = 32
+  config.grad_accum_steps = 1  # micro-batches per step (same loss and gradient; less memory)
   config.mesh = [-1, 2, 1]
   config.mesh_allow_shrink = True
   config.tokenizer.directory = "tokenizer"
@@ -65,7 +70,6 @@ def demo_config(tasks) -> ml_collections.ConfigDict:
   config.model = variants.model_config(
       "mu/8", image_size=64, tasks=tasks, num_seg_classes=len(toyworld.SEG_CLASSES),
       num_det_classes=len(toyworld.DET_CLASSES), vocab_size=1024, context_length=24)
-  config.model.heads.hidden = 32
   config.data = data_config("data/toyworld", image_size=64, label_size=32)
   config.loss.weights = {t: 1.0 for t in tasks}
   config.optim.learning_rate = 1e-3

@@ -50,9 +50,11 @@ def split(batch: Mapping, steps: int, constrain: Callable = lambda x: x) -> dict
 
 
 def accumulated(apply_fn: Callable, params, batch: Mapping, tasks, weights: Mapping[str, float],
-                loss_config: Mapping, steps: int, constrain: Callable = lambda x: x):
+                loss_config: Mapping, steps: int, constrain: Callable = lambda x: x,
+                unroll: bool = False):
   """((total, metrics), grads) equal to `full_batch`'s, holding one micro-batch of activations
-  at a time (module docstring)."""
+  at a time (module docstring). `unroll` writes the micro-batch loops out (XLA's cost analysis
+  counts a loop body once; the AOT tool unrolls to count every micro-batch)."""
   losses.check_weights(tasks, weights)
   micro = split(batch, steps, constrain)
 
@@ -62,7 +64,8 @@ def accumulated(apply_fn: Callable, params, batch: Mapping, tasks, weights: Mapp
                     losses.task_terms(outputs, micro_batch, tasks, loss_config).items()}
     return None, ({k: outputs[k] for k in EMBEDDINGS}, denominators)
 
-  _, (embeddings, denominators) = jax.lax.scan(forward, None, micro)
+  unroll = steps if unroll else 1
+  _, (embeddings, denominators) = jax.lax.scan(forward, None, micro, unroll=unroll)
   denominators = {name: jnp.sum(count) for name, count in denominators.items()}
   scalars = {k: params[k] for k in SCALARS if k in params}
 
@@ -89,15 +92,17 @@ def accumulated(apply_fn: Callable, params, batch: Mapping, tasks, weights: Mapp
     return jax.tree.map(jnp.add, grads, micro_grads), numerators
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, numerators = jax.lax.scan(backward, zeros, (micro, embedding_grads))
+  grads, numerators = jax.lax.scan(backward, zeros, (micro, embedding_grads), unroll=unroll)
   grads = {**grads, **{k: grads[k] + g for k, g in scalar_grads.items()}}
   terms = {name: (jnp.sum(numerators[name]), denominators[name]) for name in denominators}
   return losses.combine(contrastive, terms, weights), grads
 
 
 def loss_and_grads(apply_fn: Callable, params, batch: Mapping, tasks, weights: Mapping[str, float],
-                   loss_config: Mapping, steps: int = 1, constrain: Callable = lambda x: x):
+                   loss_config: Mapping, steps: int = 1, constrain: Callable = lambda x: x,
+                   unroll: bool = False):
   """`full_batch` for one step, `accumulated` for several."""
   if steps <= 1:
     return full_batch(apply_fn, params, batch, tasks, weights, loss_config)
-  return accumulated(apply_fn, params, batch, tasks, weights, loss_config, steps, constrain)
+  return accumulated(apply_fn, params, batch, tasks, weights, loss_config, steps, constrain,
+                     unroll)

@@ -299,7 +299,8 @@ class TrainStep:
     def train_step(state, batch):
       (_, metrics), grads = gradients.loss_and_grads(
           apply_fn, state["params"], batch, tasks, weights, loss_config, accum_steps,
-          lambda x: jax.lax.with_sharding_constraint(x, micro_sharding))
+          lambda x: jax.lax.with_sharding_constraint(x, micro_sharding),
+          unroll=bool(config.get("grad_accum_unroll", False)))
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       metrics["grad_norm"] = optax.tree.norm(grads)

@@ -6,6 +6,7 @@ Image tower widths follow ViT; text towers and joint embedding widths follow Ope
 
 from __future__ import annotations
 
+import math
 import re
 
 import ml_collections
@@ -45,6 +46,10 @@ def model_config(variant: str = "B/16", image_size: int = 224, tasks=(),
   cfg.embed_dim = embed_dim
   cfg.dtype = "float32"  # matmul/activation dtype; parameters are always float32
   cfg.scan_layers = False
+  # the learned log temperature starts at log(1/0.07) (CLIP); SigLIP: log 10 with a learned
+  # logit bias starting at -10 (config.loss.contrastive='sigmoid')
+  cfg.logit_scale_init = math.log(1 / 0.07)
+  cfg.logit_bias_init = ml_collections.FieldReference(None, field_type=float)
   cfg.remat = "none"
   cfg.image = ml_collections.ConfigDict(dict(
       width=image_width, depth=image_depth, num_heads=image_heads, mlp_dim=4 * image_width,
