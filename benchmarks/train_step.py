@@ -1,106 +1,285 @@
-"""Train-step speed and memory: compile time, step time, examples/s, achieved FLOP/s and the
-compiled step's memory, for the demo towers and a small real variant, with and without heads.
-Synthetic batches isolate the step from the input pipeline. Writes benchmarks/results/
-train_step.json and prints a table.
+"""Train-step speed and memory, side by side in one run on this machine.
 
-  python benchmarks/train_step.py [--cases demo,demo_clipft,S16] [--steps 5] [--devices 1]
+(a) speed: step time (median), examples/s, FLOPs per step (XLA's count of the unrolled step) and
+    their share of the fp32 matmul peak that JAX reaches on this machine, measured in the same run
+    (a 2048^3 matmul) — CLIP only and CLIPTeX with its four heads, at the shape of issue 11: both
+    towers width 384, depth 6, 6 heads; 224 px, patch 16; context 77; vocab 49408; batch 32;
+    AdamW; fp32; heads with 150 seg / 80 det classes and 56 px labels.
+(b) the same step of Hugging Face `CLIPModel` (PyTorch, same shape, AdamW), eager and
+    `torch.compile`d, in the same run; its share of the peak uses the same FLOP count as ours.
+(c) memory: per-device memory of the compiled CLIPTeX step on 8 host devices (a subprocess with
+    8 forced CPU devices), replicated (mesh data=8) against FSDP (fsdp=8), under each remat
+    policy, with gradient accumulation and with the chunked contrastive loss.
+
+Synthetic batches isolate the step from the input pipeline. Run it alone on the machine: two
+cores shared with anything else give meaningless times.
+
+  python benchmarks/train_step.py [--parts speed,torch,memory] [--steps 12] [--cases ...]
+
+Writes benchmarks/results/train_step.json (each part's rows; a part rerun replaces its own rows)
+and prints a table per part.
 """
 
 import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_step.json")
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "train_step.json")
+SPEED_CASES = ("ref_clip", "ref_cliptex", "demo", "demo_clipft")
+MEMORY_CASES = {  # name -> (mesh, remat, overrides)
+    "replicated_none": ([8, 1, 1], "none", {}),
+    "fsdp_none": ([1, 8, 1], "none", {}),
+    "fsdp_full": ([1, 8, 1], "full", {}),
+    "fsdp_dots_saveable": ([1, 8, 1], "dots_saveable", {}),
+    "fsdp_dots_with_no_batch_dims_saveable": ([1, 8, 1], "dots_with_no_batch_dims_saveable", {}),
+    "fsdp_none_accum2": ([1, 8, 1], "none", {"grad_accum_steps": 2}),
+    "fsdp_none_chunk8": ([1, 8, 1], "none", {"loss.contrastive_chunk": 8}),
+}
+
+
+def reference_config(tasks):
+  """The issue-11 shape (module docstring) as a clipzoo_jax config."""
+  from clipzoo_jax import config_base  # pylint: disable=import-outside-toplevel
+  from clipzoo_jax.models import variants  # pylint: disable=import-outside-toplevel
+  config = config_base.demo_config(list(tasks))
+  config.model = variants.model_config("S/16", image_size=224, tasks=list(tasks),
+                                       num_seg_classes=150, num_det_classes=80, text_depth=6)
+  config.model.image.depth = 6
+  config.data.image_size, config.data.label_size = 224, 56
+  config.global_batch_size = 32
+  config.tokenizer.context_length = 77
+  config.loss.weights = {t: 1.0 for t in tasks}
+  config.optim.lr_multipliers = []
+  config.mesh, config.mesh_allow_shrink = [1, 1, 1], False
+  config.total_steps = 1000
+  return config
+
 
 def case_config(name: str):
-  from clipzoo_jax import config_base
-  from clipzoo_jax import tasks as task_lib
-  from clipzoo_jax.models import variants
+  from clipzoo_jax import config_base  # pylint: disable=import-outside-toplevel
+  from clipzoo_jax import tasks as task_lib  # pylint: disable=import-outside-toplevel
   all_tasks = list(task_lib.names())
+  if name in ("ref_clip", "ref_cliptex"):
+    return reference_config(all_tasks if name == "ref_cliptex" else [])
   if name in ("demo", "demo_clipft"):
-    return config_base.demo_config(all_tasks if name == "demo" else [])
-  if name in ("S16", "S16_clipft"):
-    tasks = all_tasks if name == "S16" else []
-    config = config_base.demo_config(tasks)
-    config.model = variants.model_config("S/16", image_size=224, tasks=tasks,
-                                         num_seg_classes=150, num_det_classes=80)
-    config.data.image_size, config.data.label_size = 224, 56
-    config.global_batch_size = 16
-    config.tokenizer.context_length = 77
-    config.loss.weights = {t: 1.0 for t in tasks}
+    config = config_base.demo_config(all_tasks if name == "demo" else [])
+    config.mesh, config.mesh_allow_shrink = [1, 1, 1], False
+    config.total_steps = 1000
     return config
-  raise ValueError(f"unknown case {name!r}")
+  raise ValueError(f"unknown case {name!r}; known: {SPEED_CASES}")
 
 
-def measure(name: str, steps: int) -> dict:
-  import jax
-  import numpy as np
-  from clipzoo_jax import run as run_lib
+def _median_time(fn, steps: int) -> tuple[float, float]:
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)), float(min(times))
 
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
+  """fp32 GFLOP/s of JAX's best case on this machine: one large square matmul."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+  matmul = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(matmul(a, a))
+  median, _ = _median_time(lambda: jax.block_until_ready(matmul(a, a)), repeats)
+  return 2 * size ** 3 / median / 1e9
+
+
+def unrolled_flops(config) -> float:
+  """XLA's FLOPs of the whole step (layers unrolled; these configs do not scan)."""
+  from clipzoo_jax import run as run_lib  # pylint: disable=import-outside-toplevel
+  run = run_lib.setup(config)
+  return float(run.train_step.lower(run.abstract_state, run.abstract_batch).cost_analysis()["flops"])
+
+
+def measure_jax(name: str, steps: int, peak: float) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from clipzoo_jax import run as run_lib  # pylint: disable=import-outside-toplevel
   config = case_config(name)
-  config.total_steps = 1000
   run = run_lib.setup(config)
   start = time.perf_counter()
-  compiled = run.compile()  # from the abstract state and batch: no data, no state yet
+  run.compile()
   compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = unrolled_flops(config)
   state = run.init_state()
   batch = run.global_batch(run.synthetic_batch())
   state, metrics = run.train_step(state, batch)
   jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = run.train_step(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  step_s = float(np.median(times))
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  holder = {"state": state}
+
+  def step():
+    holder["state"], out = run.train_step(holder["state"], batch)
+    jax.block_until_ready(out)
+
+  median, fastest = _median_time(step, steps)
   params = sum(x.size for x in jax.tree.leaves(run.abstract_state["params"]))
-  return {
-      "case": name, "variant": config.model.variant, "tasks": list(config.model.heads.tasks),
-      "image_size": config.data.image_size, "global_batch": config.global_batch_size,
-      "devices": jax.device_count(), "mesh": dict(run.mesh.shape), "params_millions": params / 1e6,
-      "compile_s": compile_s, "step_s_median": step_s, "step_s_min": float(min(times)),
-      "examples_per_s": config.global_batch_size / step_s,
-      "gflop_per_step": flops / 1e9, "achieved_gflop_per_s": flops / 1e9 / step_s,
-      "temp_mib": memory.temp_size_in_bytes / 2**20 if memory else None,
-      "argument_mib": memory.argument_size_in_bytes / 2**20 if memory else None,
-  }
+  del jnp
+  return {"case": name, "implementation": "clipzoo_jax (jit)",
+          "tasks": list(config.model.heads.tasks), "image_size": config.data.image_size,
+          "global_batch": config.global_batch_size, "params_millions": params / 1e6,
+          "compile_s": compile_s, "step_s_median": median, "step_s_min": fastest,
+          "examples_per_s": config.global_batch_size / median, "gflop_per_step": flops / 1e9,
+          "share_of_matmul_peak": flops / 1e9 / median / peak}
+
+
+def hf_clip_model():
+  """Hugging Face CLIPModel of the reference shape (random weights; nothing is downloaded)."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  config = transformers.CLIPConfig(
+      text_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                       num_attention_heads=6, max_position_embeddings=77, vocab_size=49408,
+                       hidden_act="quick_gelu"),
+      vision_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                         num_attention_heads=6, image_size=224, patch_size=16,
+                         hidden_act="quick_gelu"),
+      projection_dim=384)
+  return transformers.CLIPModel(config)
+
+
+def measure_torch(mode: str, steps: int, peak: float, flops: float) -> dict:
+  """One AdamW step of HF CLIPModel with its contrastive loss, eager or torch.compile'd."""
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count())
+  model = hf_clip_model().train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+  forward = torch.compile(model) if mode == "torch.compile" else model
+  pixels = torch.randn(32, 3, 224, 224)
+  tokens = torch.randint(1, 49407, (32, 77))
+
+  def step():
+    loss = forward(input_ids=tokens, pixel_values=pixels, return_loss=True).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+  start = time.perf_counter()
+  step()  # eager: warm-up; compile: traces and compiles
+  step()
+  compile_s = time.perf_counter() - start
+  median, fastest = _median_time(step, steps)
+  params = sum(p.numel() for p in model.parameters())
+  return {"case": "ref_clip", "implementation": f"Hugging Face CLIPModel, {mode}",
+          "tasks": [], "image_size": 224, "global_batch": 32, "params_millions": params / 1e6,
+          "compile_s": compile_s, "step_s_median": median, "step_s_min": fastest,
+          "examples_per_s": 32 / median, "gflop_per_step": flops / 1e9,
+          "share_of_matmul_peak": flops / 1e9 / median / peak, "torch": torch.__version__}
+
+
+def memory_child(name: str) -> dict:
+  """One memory case, in a process with 8 forced host devices."""
+  from clipzoo_jax import run as run_lib  # pylint: disable=import-outside-toplevel
+  from clipzoo_jax import tasks as task_lib  # pylint: disable=import-outside-toplevel
+  mesh, remat, overrides = MEMORY_CASES[name]
+  config = reference_config(list(task_lib.names()))
+  config.mesh, config.model.remat = mesh, remat
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    target = config
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  memory = run_lib.setup(config).compile().memory_analysis()
+  mib = lambda value: value / 2**20
+  arguments, temporaries = mib(memory.argument_size_in_bytes), mib(memory.temp_size_in_bytes)
+  outputs, aliased = mib(memory.output_size_in_bytes), mib(memory.alias_size_in_bytes)
+  return {"case": name, "mesh": mesh, "remat": remat, "overrides": overrides, "devices": 8,
+          "global_batch": config.global_batch_size, "arguments_mib": arguments,
+          "temporaries_mib": temporaries, "outputs_mib": outputs, "aliased_mib": aliased,
+          "total_mib": arguments + outputs - aliased + temporaries}
+
+
+def measure_memory(name: str) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+  result = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory_child", name],
+                          env=env, capture_output=True, text=True, check=False)
+  lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+  if result.returncode or not lines:
+    return {"case": name, "error": (result.stderr.strip().splitlines() or ["?"])[-1]}
+  return json.loads(lines[-1])
+
+
+def save(part: str, rows: list, extra: dict) -> None:
+  saved = {}
+  if os.path.exists(RESULTS):
+    with open(RESULTS) as f:
+      saved = json.load(f)
+    if "parts" not in saved:  # an older layout of this file: start over
+      saved = {}
+  import jax  # pylint: disable=import-outside-toplevel
+  saved.update({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                "backend": jax.default_backend()})
+  saved.setdefault("parts", {})[part] = {"rows": rows, **extra}
+  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+  with open(RESULTS + ".tmp", "w") as f:
+    json.dump(saved, f, indent=1)
+  os.replace(RESULTS + ".tmp", RESULTS)
+
+
+def print_speed(rows: list, peak: float) -> None:
+  print(f"fp32 matmul peak of JAX here: {peak:.0f} GFLOP/s")
+  print(" | ".join(("case", "implementation", "params M", "step s (median)", "ex/s",
+                    "GFLOP/step", "share of matmul peak", "compile s")))
+  for r in rows:
+    print(" | ".join(str(v) for v in (
+        r["case"], r["implementation"], f"{r['params_millions']:.1f}", f"{r['step_s_median']:.3f}",
+        f"{r['examples_per_s']:.1f}", f"{r['gflop_per_step']:.0f}",
+        f"{100 * r['share_of_matmul_peak']:.0f}%", f"{r['compile_s']:.1f}")))
+
+
+def print_memory(rows: list) -> None:
+  print(" | ".join(("case", "mesh", "remat", "args MiB", "temp MiB", "total MiB per device")))
+  for r in rows:
+    if "error" in r:
+      print(f"{r['case']} | error: {r['error']}")
+      continue
+    print(" | ".join(str(v) for v in (
+        r["case"], r["mesh"], r["remat"], f"{r['arguments_mib']:.0f}",
+        f"{r['temporaries_mib']:.0f}", f"{r['total_mib']:.0f}")))
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cases", default="demo,demo_clipft,S16,S16_clipft")
-  parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--devices", type=int, default=1, help="forced CPU host devices")
+  parser.add_argument("--parts", default="speed,torch,memory")
+  parser.add_argument("--cases", default="ref_clip,ref_cliptex", help="speed part's cases")
+  parser.add_argument("--steps", type=int, default=12)
+  parser.add_argument("--memory_child", help=argparse.SUPPRESS)
   args = parser.parse_args()
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={args.devices}")
-  import jax
-  rows = [measure(name, args.steps) for name in args.cases.split(",")]
-  result = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-            "rows": rows}
-  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-  with open(RESULTS, "w") as f:
-    json.dump(result, f, indent=1)
-  header = ("case", "params M", "batch", "compile s", "step s", "ex/s", "GFLOP/step", "GFLOP/s",
-            "temp MiB", "args MiB")
-  print(" | ".join(header))
-  for r in rows:
-    print(" | ".join(str(v) for v in (
-        r["case"], f"{r['params_millions']:.1f}", r["global_batch"], f"{r['compile_s']:.1f}",
-        f"{r['step_s_median']:.3f}", f"{r['examples_per_s']:.1f}", f"{r['gflop_per_step']:.1f}",
-        f"{r['achieved_gflop_per_s']:.1f}", f"{r['temp_mib']:.0f}", f"{r['argument_mib']:.0f}")))
+  if args.memory_child:
+    print(json.dumps(memory_child(args.memory_child)))
+    return
+  parts = args.parts.split(",")
+  peak = matmul_peak_gflops() if {"speed", "torch"} & set(parts) else None
+  clip_flops = None
+  if "speed" in parts:
+    rows = [measure_jax(name, args.steps, peak) for name in args.cases.split(",")]
+    save("speed", rows, {"matmul_peak_gflops": peak})
+    print_speed(rows, peak)
+    clip_flops = next((r["gflop_per_step"] * 1e9 for r in rows if r["case"] == "ref_clip"), None)
+  if "torch" in parts:
+    clip_flops = clip_flops or unrolled_flops(reference_config([]))
+    rows = [measure_torch(mode, args.steps, peak, clip_flops) for mode in ("eager", "torch.compile")]
+    save("torch", rows, {"matmul_peak_gflops": peak})
+    print_speed(rows, peak)
+  if "memory" in parts:
+    rows = [measure_memory(name) for name in MEMORY_CASES]
+    save("memory", rows, {})
+    print_memory(rows)
 
 
 if __name__ == "__main__":
