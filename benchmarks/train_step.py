@@ -48,15 +48,7 @@ MEMORY_CASES = {  # name -> (mesh, remat, overrides)
 def reference_config(tasks):
   """The issue-11 shape (module docstring) as a clipzoo_jax config."""
   from clipzoo_jax import config_base  # pylint: disable=import-outside-toplevel
-  from clipzoo_jax.models import variants  # pylint: disable=import-outside-toplevel
-  config = config_base.demo_config(list(tasks))
-  config.model = variants.model_config("S/16", image_size=224, tasks=list(tasks),
-                                       num_seg_classes=150, num_det_classes=80, text_depth=6)
-  config.model.image.depth = 6
-  config.data.image_size, config.data.label_size = 224, 56
-  config.global_batch_size = 32
-  config.tokenizer.context_length = 77
-  config.loss.weights = {t: 1.0 for t in tasks}
+  config = config_base.shape_config("S/16", list(tasks), 32, depth=6)
   config.optim.lr_multipliers = []
   config.mesh, config.mesh_allow_shrink = [1, 1, 1], False
   config.total_steps = 1000

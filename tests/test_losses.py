@@ -158,6 +158,28 @@ def test_det_loss_focal_and_l1_terms_match_reference():
   np.testing.assert_allclose(found, expected, rtol=1e-4)
 
 
+def test_det_heatmap_is_each_class_max_over_its_boxes_alone():
+  """Overlapping boxes of one class keep the larger Gaussian per pixel; other classes, padding
+  boxes and empty examples add nothing (the targets are scattered, not built per box)."""
+  boxes = np.array([[[0.1, 0.1, 0.6, 0.5], [0.3, 0.2, 0.9, 0.7], [0.0, 0.5, 0.4, 1.0],
+                     [0.2, 0.2, 0.4, 0.4]],
+                    [[0.5, 0.5, 0.9, 0.9], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0],
+                     [0.1, 0.1, 0.2, 0.2]]], np.float32)
+  classes = np.array([[2, 2, 0, -1], [1, -1, -1, -1]])
+  size = (12, 10)
+  heatmap = np.asarray(det.det_targets(jnp.asarray(boxes), jnp.asarray(classes), 3, size)[0])
+  expected = np.zeros_like(heatmap)
+  for b in range(2):
+    for k in range(4):
+      if classes[b, k] < 0:
+        continue
+      alone = det.det_targets(jnp.asarray(boxes[b:b + 1, k:k + 1]),
+                              jnp.asarray(classes[b:b + 1, k:k + 1]), 3, size)[0]
+      expected[b] = np.maximum(expected[b], np.asarray(alone)[0])
+  np.testing.assert_allclose(heatmap, expected, rtol=1e-6, atol=1e-7)
+  assert heatmap[0, ..., 2].max() == pytest.approx(1.0) and heatmap[0, ..., 1].max() == 0
+  assert heatmap[1, ..., 1].max() == pytest.approx(1.0) and heatmap[1, ..., [0, 2]].max() == 0
+
 def test_total_loss_is_contrastive_plus_weighted_tasks_and_requires_weights():
   outputs = {"image_embedding": jnp.asarray(RNG.normal(size=(2, 4))),
              "text_embedding": jnp.asarray(RNG.normal(size=(2, 4))),

@@ -120,7 +120,6 @@ def model_config_from_hf(folder: str, tasks: Sequence[str] = (),
   for field, value in fields.items():
     section, _, key = field.rpartition(".")
     (cfg[section] if section else cfg)[key] = value
-  cfg.heads.hidden = min(128, cfg.image.width)
   return cfg
 
 

@@ -80,5 +80,4 @@ def model_config_from_state_dict(source: tensor_files.TensorSource, tasks=(),
     (cfg[section] if section else cfg)[key] = value
   for tower in (cfg.image, cfg.text):
     tower.num_heads = max(tower.width // OPENAI_HEAD_WIDTH, 1)
-  cfg.heads.hidden = min(128, cfg.image.width)
   return cfg

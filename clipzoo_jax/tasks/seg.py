@@ -18,9 +18,11 @@ def seg_loss(logits, labels, example_mask):
 
 def seg_terms(logits, labels, example_mask):
   valid = (labels >= 0) & (example_mask[:, None, None] > 0)
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  picked = jnp.take_along_axis(log_probs, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
-  return losses.masked_terms(-picked, valid.astype(jnp.float32))
+  logits = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+  # -log_softmax at the label, without a (B, H, W, C) array of log-probabilities
+  return losses.masked_terms(jax.nn.logsumexp(logits, axis=-1) - picked,
+                             valid.astype(jnp.float32))
 
 
 @base.register

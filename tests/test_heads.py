@@ -1,0 +1,85 @@
+"""The dense task heads (models/heads.py): what they cost in the train step (issue 11: at most 15%
+of the CLIP step's FLOPs at the 41M-parameter reference shape and at B/16), their parameter
+layout (the names every checkpoint and PyTorch export depends on), and the two pieces computed
+differently from the textbook op: bilinear x2 as a stencil, the 1x1 output conv as a matmul."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clipzoo_jax import aot
+from clipzoo_jax import config_base
+from clipzoo_jax import tasks as task_lib
+from clipzoo_jax.models import heads as heads_lib
+from clipzoo_jax.models import variants
+
+TASKS = ("seg", "depth", "normals", "det")
+
+
+@pytest.mark.parametrize("variant,depth,batch", [("S/16", 6, 32), ("B/16", None, 32)])
+def test_heads_add_at_most_15_percent_of_the_clip_step_flops(variant, depth, batch):
+  """XLA's count of the whole unrolled step (forward, backward, AdamW), CLIPTeX with all four
+  heads (150 seg / 80 det classes, 56 px labels) against the same step without heads."""
+  clip = aot.step_flops(config_base.shape_config(variant, [], batch, depth=depth))
+  cliptex = aot.step_flops(config_base.shape_config(variant, list(TASKS), batch, depth=depth))
+  assert cliptex / clip - 1 <= 0.15, (variant, cliptex / clip)
+
+
+def _head_shapes(model_config, width):
+  specs = task_lib.head_specs(TASKS, model_config)
+  module = heads_lib.TaskHeads(specs, hidden=model_config.heads.hidden,
+                               upsample=model_config.heads.upsample)
+  grid = jnp.zeros((1, 2, 2, width))
+  params = jax.eval_shape(lambda: nn.unbox(module.init(jax.random.PRNGKey(0), grid))["params"])
+  return specs, jax.tree.map(lambda x: x.shape, params)
+
+
+def test_head_parameters_at_the_reference_shape():
+  """Per head: LayerNorm on the tower width, a 3x3 conv to `hidden` (32 by default), one 3x3 conv
+  per x2 stage, a 1x1 conv to the head's channels; names as every checkpoint and export has them."""
+  model_config = variants.model_config("S/16", tasks=TASKS)
+  width, hidden = 384, 32
+  assert model_config.heads.hidden == hidden and model_config.heads.upsample == 4
+  specs, shapes = _head_shapes(model_config, width)
+  assert sorted(shapes) == ["depth_head", "det_box_head", "det_heatmap_head", "normals_head",
+                           "seg_head"]
+  for spec in specs:
+    assert shapes[spec.name] == {
+        "ln": {"scale": (width,), "bias": (width,)},
+        "conv_in": {"kernel": (3, 3, width, hidden), "bias": (hidden,)},
+        "conv_up0": {"kernel": (3, 3, hidden, hidden), "bias": (hidden,)},
+        "conv_up1": {"kernel": (3, 3, hidden, hidden), "bias": (hidden,)},
+        "conv_out": {"kernel": (1, 1, hidden, spec.channels), "bias": (spec.channels,)},
+    }, spec.name
+  count = sum(int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
+  per_stack = 2 * width + 9 * width * hidden + hidden + 2 * (9 * hidden * hidden + hidden)
+  outputs = sum((hidden + 1) * spec.channels for spec in specs)  # 150 + 1 + 3 + 80 + 4 channels
+  assert count == 5 * per_stack + outputs == 657_294
+
+
+def test_configs_saved_with_64_wide_heads_keep_their_layout():
+  """Runs and exports from before issue 11 stored hidden 64 in their config: same names, 64 wide."""
+  model_config = variants.model_config("S/16", tasks=TASKS)
+  model_config.heads.hidden = 64
+  _, shapes = _head_shapes(model_config, 384)
+  assert shapes["seg_head"]["conv_in"]["kernel"] == (3, 3, 384, 64)
+  assert shapes["seg_head"]["conv_out"]["kernel"] == (1, 1, 64, 150)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 5, 3), (1, 1, 2, 4), (3, 14, 14, 8)])
+def test_upsample2x_is_jax_bilinear_resize(shape):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  expected = jax.image.resize(x, (shape[0], 2 * shape[1], 2 * shape[2], shape[3]), "bilinear")
+  np.testing.assert_allclose(heads_lib.upsample2x(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_pointwise_conv_is_flax_conv_with_the_same_parameters():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 6, 8)), jnp.float32)
+  ours = heads_lib.PointwiseConv(7, bias_init=0.5)
+  params = nn.unbox(ours.init(jax.random.PRNGKey(0), x))["params"]
+  theirs = nn.Conv(7, (1, 1)).apply({"params": params}, x)
+  assert jax.tree.map(jnp.shape, params) == {"kernel": (1, 1, 8, 7), "bias": (7,)}
+  np.testing.assert_allclose(params["bias"], 0.5)
+  np.testing.assert_allclose(ours.apply({"params": params}, x), theirs, rtol=1e-5, atol=1e-6)
