@@ -44,6 +44,7 @@ FLOOR_COLOURS = {
     "wooden": (0.56, 0.38, 0.22), "gray": (0.42, 0.42, 0.42), "sandy": (0.76, 0.68, 0.50),
     "dark": (0.22, 0.22, 0.24),
 }
+REPEAT_COLOUR_PROBABILITY = 0.35  # of an object taking a colour already shown (on another shape)
 MIN_VISIBLE_PIXELS = 4  # fewer visible pixels: no box and no mention in the caption
 KEY_PREFIX = "toyworld"
 PARAMS_NAME = "toyworld_params.json"  # written before the first shard, so a resume can check it
@@ -236,17 +237,32 @@ def _sample_shape(rng, shape: str, colour: str, x: float, y: float) -> SceneObje
   return SceneObject(shape, colour, (x, y, h / 2), (r, h))
 
 
+def _sample_kinds(rng, count: int) -> list[tuple[str, str]]:
+  """`count` distinct (colour, shape) pairs. A colour repeats on another shape in about a third of
+  the draws, so that the colours a caption names do not by themselves tell its image from the
+  others of a batch: the contrastive task has to see shapes too (issue 15)."""
+  kinds: list[tuple[str, str]] = []
+  for _ in range(count):
+    shown = [c for c, _ in kinds]
+    reusable = [c for c in dict.fromkeys(shown) if shown.count(c) < len(DET_CLASSES)]
+    if reusable and rng.random() < REPEAT_COLOUR_PROBABILITY:
+      colour = str(rng.choice(reusable))
+    else:
+      colour = str(rng.choice([c for c in OBJECT_COLOURS if c not in shown]))
+    shape = str(rng.choice([s for s in DET_CLASSES if (colour, s) not in kinds]))
+    kinds.append((colour, shape))
+  return kinds
+
+
 def _sample_objects(rng, camera: Camera, room: Room) -> tuple[SceneObject, ...]:
-  """1-4 objects of distinct colours, inside the view and the room, not touching each other."""
+  """1-4 objects of distinct colour-and-shape, inside the view and the room, not touching."""
   count = int(rng.choice([1, 2, 3, 4], p=[0.25, 0.35, 0.25, 0.15]))
-  colours = rng.choice(list(OBJECT_COLOURS), size=count, replace=False)
   half_view = camera.size / 2 / camera.focal
   placed: list[SceneObject] = []
-  for colour in colours:
-    shape = str(rng.choice(DET_CLASSES))
+  for colour, shape in _sample_kinds(rng, count):
     for _ in range(30):
       y = rng.uniform(1.8, min(5.5, room.back_wall_y - 1.0))
-      obj = _sample_shape(rng, shape, str(colour), rng.uniform(-0.8, 0.8) * half_view * y, y)
+      obj = _sample_shape(rng, shape, colour, rng.uniform(-0.8, 0.8) * half_view * y, y)
       if _fits(obj, placed, room):
         placed.append(obj)
         break
@@ -338,11 +354,22 @@ def _render(camera: Camera, room: Room, objects, light, ambient):
 
 
 # ---------------------------------------------------------------------------------------------
-# Captions: relations from what the image shows (visible-pixel centroids) and object depths.
+# Captions: from what the image shows (visible-pixel centroids and areas) and object depths. They
+# pin the image down (every visible object by colour and shape, most visible first, with counts,
+# sizes, positions, relations, wall and floor) and vary in wording, so that captions rarely repeat
+# within a batch and the contrastive task has signal (issue 15).
+
+NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six")
+SMALL_AREA, LARGE_AREA = 0.015, 0.06  # visible fraction of the image: "small" below, "large" above
+POSITION_WORDS = ("on the left", "in the middle", "on the right")  # image thirds
 
 
 def _article(words: str) -> str:
   return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+def _plural(shape: str) -> str:
+  return shape + ("es" if shape.endswith("x") else "s")
 
 
 def _relation(a: dict, b: dict) -> str:
@@ -359,35 +386,107 @@ def _listing(phrases: list[str]) -> str:
   return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def make_caption(rng, facts: list[dict], room: Room) -> str:
-  """facts: per visible object {phrase, x (image fraction), z (metres)}."""
-  wall = f"in front of {_article(room.wall_colour)} wall"
-  if not facts:
-    return (f"an empty room with {_article(room.wall_colour)} wall and "
-            f"{_article(room.floor_colour)} floor")
-  names = [_article(f["phrase"]) for f in facts]
-  if len(facts) == 1:
-    templates = ["{0}", "{0} " + wall, "{0} on " + _article(room.floor_colour) + " floor",
-                 "a photo of {0}"]
-    return str(rng.choice(templates)).format(names[0])
-  if len(facts) == 2:
+def size_word(area: float) -> str | None:
+  """"small", "large" or None (medium) for a visible-area fraction."""
+  return "small" if area < SMALL_AREA else "large" if area > LARGE_AREA else None
+
+
+def position_word(x: float) -> str:
+  """Which third of the image a horizontal centroid (image fraction) lies in."""
+  return POSITION_WORDS[min(2, int(x * 3))]
+
+
+def _shape_of(fact: dict) -> str:
+  return fact["phrase"].rsplit(" ", 1)[-1]
+
+
+def _shape_order(facts: list[dict]) -> list[str]:
+  """The visible shapes, most frequent first (ties: first mentioned first)."""
+  shapes = [_shape_of(f) for f in facts]
+  return sorted(dict.fromkeys(shapes), key=lambda s: -shapes.count(s))
+
+
+def shape_counts(facts: list[dict]) -> str:
+  """"two spheres and a box": visible objects per shape, most frequent first."""
+  shapes = [_shape_of(f) for f in facts]
+  return _listing([_article(s) if shapes.count(s) == 1 else
+                   f"{NUMBER_WORDS[shapes.count(s)]} {_plural(s)}" for s in _shape_order(facts)])
+
+
+def _object_phrase(fact: dict, style: str) -> str:
+  """"a red sphere", optionally with its size word ("a large red sphere") or position."""
+  words = fact["phrase"]
+  size = size_word(fact["area"]) if "area" in fact else None
+  if style == "size" and size:
+    words = f"{size} {words}"
+  phrase = _article(words)
+  if style == "position":
+    phrase += " " + position_word(fact["x"])
+  return phrase
+
+
+def _setting(rng, room: Room) -> str:
+  """A suffix naming the wall and / or floor ("" for none)."""
+  wall, floor = _article(room.wall_colour) + " wall", _article(room.floor_colour) + " floor"
+  return str(rng.choice(["", "", " in front of " + wall, " on " + floor,
+                         f" in a room with {wall} and {floor}"]))
+
+
+def _objects_sentence(rng, facts: list[dict]) -> str:
+  """The visible objects in one of several forms, each naming every one by colour and shape."""
+  n = len(facts)
+  forms = ["list", "size", "position", "count"]
+  if n >= 2:
+    forms += ["relation", "relation", "relation", "left to right", "shapes"]
+  form = str(rng.choice(forms))
+  style = form if form in ("size", "position") else "plain"
+  names = [_object_phrase(f, style) for f in facts]
+  if form == "relation":  # of the two most visible objects; the others follow
     a, b = rng.permutation(2)
     relation = f"{names[a]} {_relation(facts[a], facts[b])} {names[b]}"
-    return str(rng.choice([relation, relation + " " + wall, f"{names[a]} and {names[b]}"]))
-  by_x = [names[i] for i in np.argsort([f["x"] for f in facts], kind="stable")]
-  shuffled = [names[i] for i in rng.permutation(len(names))]
-  return str(rng.choice([_listing(shuffled), _listing(shuffled) + " " + wall,
-                         "from left to right: " + _listing(by_x)]))
+    return relation + (f", with {_listing(names[2:])}" if n > 2 else "")
+  if form == "left to right":
+    return "from left to right: " + _listing(
+        [names[i] for i in np.argsort([f["x"] for f in facts], kind="stable")])
+  if form == "count" and n == 1:
+    return str(rng.choice([f"a single object: {names[0]}", f"just {names[0]}",
+                           f"only {names[0]}"]))
+  if form == "count":
+    return f"{NUMBER_WORDS[n]} objects: {_listing(names)}"
+  if form == "shapes":  # named in the order the counts give
+    order = _shape_order(facts)
+    grouped = sorted(range(n), key=lambda i: order.index(_shape_of(facts[i])))
+    return f"{shape_counts(facts)}: {_listing([names[i] for i in grouped])}"
+  return _listing(names)
 
 
-def _facts(objects, visible, instances, camera: Camera) -> list[dict]:
+def make_caption(rng, facts: list[dict], room: Room) -> str:
+  """facts: per visible object {phrase ("red sphere"), x (image fraction), z (metres)} and
+  optionally area (visible image fraction); objects are named most visible first."""
+  if not facts:
+    return str(rng.choice([
+        f"an empty room with {_article(room.wall_colour)} wall and {_article(room.floor_colour)} "
+        "floor", f"an empty room{_setting(rng, room)}",
+        f"nothing but {_article(room.floor_colour)} floor and {_article(room.wall_colour)} wall"]))
+  facts = sorted(facts, key=lambda f: -f.get("area", 0.0))
+  sentence = _objects_sentence(rng, facts)
+  if sentence.startswith("from left to right"):
+    return sentence
+  prefix = str(rng.choice(["", "", "", "", "a photo of ", "a picture of "]))
+  return prefix + sentence + _setting(rng, room)
+
+
+def caption_facts(scene_objects, visible, instances, camera: Camera) -> list[dict]:
+  """What captions say about each visible object: phrase, centroid x (image fraction), camera
+  z-depth of its centre (metres) and visible area (image fraction)."""
   rotation = camera_rotation(camera.pitch)
   facts = []
   for i in visible:
-    obj = objects[i]
+    obj = scene_objects[i]
     centre_camera = rotation.T @ (np.asarray(obj.centre) - np.array([0.0, 0.0, camera.height]))
-    x = np.nonzero(instances == i)[1].mean() / camera.size
-    facts.append({"phrase": f"{obj.colour} {obj.shape}", "x": x, "z": centre_camera[2]})
+    columns = np.nonzero(instances == i)[1]
+    facts.append({"phrase": f"{obj.colour} {obj.shape}", "x": columns.mean() / camera.size,
+                  "z": centre_camera[2], "area": columns.size / camera.size ** 2})
   return facts
 
 
@@ -425,7 +524,7 @@ def render_scene(seed: int, index: int, size: int = 64) -> Scene:
       seg=seg, depth=depth, normals=normals, det_boxes=np.array(boxes, np.float32).reshape(-1, 4),
       det_classes=np.array([DET_CLASSES.index(objects[i].shape) for i in visible], np.int64),
       det_scores=np.ones(len(visible), np.float32))
-  caption = make_caption(rng, _facts(objects, visible, instances, camera), room)
+  caption = make_caption(rng, caption_facts(objects, visible, instances, camera), room)
   return Scene(key=key_for(seed, index), image=image, caption=caption, labels=labels,
                camera=camera, room=room, objects=objects, instances=instances, visible=visible)
 

@@ -156,8 +156,7 @@ def toyworld_classification(num_examples: int, seed: int, size: int,
 
 def scene_captions(scene, seed: int, index: int, count: int) -> list[str]:
   """The scene's own caption and `count - 1` more from the same grammar and facts."""
-  # pylint: disable-next=protected-access
-  facts = toyworld._facts(scene.objects, scene.visible, scene.instances, scene.camera)
+  facts = toyworld.caption_facts(scene.objects, scene.visible, scene.instances, scene.camera)
   more = [toyworld.make_caption(np.random.default_rng([seed, index, k]), facts, scene.room)
           for k in range(1, count)]
   return [scene.caption, *more]
