@@ -16,9 +16,11 @@ def _save(model, processor, directory: str) -> str:
   return directory
 
 
-def _labels(num_labels: int) -> dict:
-  return {"id2label": {i: f"class_{i}" for i in range(num_labels)},
-          "label2id": {f"class_{i}": i for i in range(num_labels)}}
+def _labels(num_labels: int, class_names=None) -> dict:
+  names = list(class_names) if class_names else [f"class_{i}" for i in range(num_labels)]
+  if len(names) != num_labels:
+    raise ValueError(f"class_names: expected {num_labels} names, found {len(names)}")
+  return {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
 
 
 def save_dpt(directory: str, image_size: int = 64, hidden: int = 32, layers: int = 4,
@@ -36,20 +38,30 @@ def save_dpt(directory: str, image_size: int = 64, hidden: int = 32, layers: int
   return _save(DPTForDepthEstimation(config), processor, directory)
 
 
-def save_depth_anything(directory: str, image_size: int = 56, seed: int = 0) -> str:
+def depth_anything_model(image_size: int = 56, hidden: int = 32, patch_size: int = 14,
+                         max_depth: int | None = None, seed: int = 0):
+  """(model, processor). `max_depth` set: a metric model (sigmoid head scaled to metres, as Depth
+  Anything V2's metric checkpoints); None: relative inverse depth."""
   import torch
   from transformers import (DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config,
                             DPTImageProcessorPil)
   torch.manual_seed(seed)
-  backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                          intermediate_size=48, patch_size=14, image_size=image_size,
+  backbone = Dinov2Config(hidden_size=hidden, num_hidden_layers=4, num_attention_heads=2,
+                          intermediate_size=hidden * 3 // 2, patch_size=patch_size,
+                          image_size=image_size,
                           out_features=["stage1", "stage2", "stage3", "stage4"],
                           reshape_hidden_states=False)
+  metric = {} if max_depth is None else {"depth_estimation_type": "metric", "max_depth": max_depth}
   config = DepthAnythingConfig(backbone_config=backbone, neck_hidden_sizes=[8, 8, 16, 16],
-                               fusion_hidden_size=16, head_hidden_size=8, reassemble_hidden_size=32)
+                               fusion_hidden_size=16, head_hidden_size=8,
+                               reassemble_hidden_size=hidden, patch_size=patch_size, **metric)
   processor = DPTImageProcessorPil(size={"height": image_size, "width": image_size},
-                                   keep_aspect_ratio=True, ensure_multiple_of=14)
-  return _save(DepthAnythingForDepthEstimation(config), processor, directory)
+                                   keep_aspect_ratio=True, ensure_multiple_of=patch_size)
+  return DepthAnythingForDepthEstimation(config), processor
+
+
+def save_depth_anything(directory: str, image_size: int = 56, seed: int = 0) -> str:
+  return _save(*depth_anything_model(image_size, seed=seed), directory)
 
 
 def save_zoedepth(directory: str, image_size: int = 32, seed: int = 0) -> str:
@@ -74,20 +86,27 @@ def save_zoedepth(directory: str, image_size: int = 32, seed: int = 0) -> str:
   return _save(ZoeDepthForDepthEstimation(config), processor, directory)
 
 
-def save_segformer(directory: str, num_labels: int = 5, image_size: int = 64,
-                   hidden_sizes=(8, 16), depths=(1, 1), decoder: int = 16, seed: int = 0) -> str:
+def segformer_model(num_labels: int = 5, image_size: int = 64, hidden_sizes=(8, 16), depths=(1, 1),
+                    decoder: int = 16, num_attention_heads=None, class_names=None, seed: int = 0):
+  """(model, processor); heads default to SegFormer's (1, 2, 5, 8), one per encoder block."""
   import torch
   from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessorPil
   torch.manual_seed(seed)
   blocks = len(hidden_sizes)
   config = SegformerConfig(num_encoder_blocks=blocks, depths=list(depths),
                            sr_ratios=[8, 4, 2, 1][-blocks:], hidden_sizes=list(hidden_sizes),
-                           num_attention_heads=[1, 2, 5, 8][:blocks],
+                           num_attention_heads=list(num_attention_heads or [1, 2, 5, 8][:blocks]),
                            patch_sizes=[7, 3, 3, 3][:blocks], strides=[4, 2, 2, 2][:blocks],
                            mlp_ratios=[4] * blocks, decoder_hidden_size=decoder,
-                           **_labels(num_labels))
+                           **_labels(num_labels, class_names))
   processor = SegformerImageProcessorPil(size={"height": image_size, "width": image_size})
-  return _save(SegformerForSemanticSegmentation(config), processor, directory)
+  return SegformerForSemanticSegmentation(config), processor
+
+
+def save_segformer(directory: str, num_labels: int = 5, image_size: int = 64,
+                   hidden_sizes=(8, 16), depths=(1, 1), decoder: int = 16, seed: int = 0) -> str:
+  return _save(*segformer_model(num_labels, image_size, hidden_sizes, depths, decoder, seed=seed),
+               directory)
 
 
 def save_upernet(directory: str, num_labels: int = 6, image_size: int = 64, seed: int = 0) -> str:
@@ -157,21 +176,30 @@ def save_oneformer(directory: str, num_labels: int = 6, image_size: int = 64, se
   return _save(OneFormerForUniversalSegmentation(config), processor, directory)
 
 
-def save_rtdetr(directory: str, num_labels: int = 4, image_size: int = 64, seed: int = 0) -> str:
+def rtdetr_model(num_labels: int = 4, image_size: int = 64, width: int = 8,
+                 decoder_layers: int = 1, num_queries: int = 20, class_names=None, seed: int = 0):
+  """(model, processor); `width` scales every channel count (backbone stages w, 2w, 3w, 4w;
+  transformer 2w wide)."""
   import torch
   from transformers import (RTDetrConfig, RTDetrForObjectDetection, RTDetrImageProcessorPil,
                             RTDetrResNetConfig)
   torch.manual_seed(seed)
-  backbone = RTDetrResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
-                                out_features=["stage2", "stage3", "stage4"])
-  config = RTDetrConfig(backbone_config=backbone, encoder_hidden_dim=16,
-                        encoder_in_channels=[16, 24, 32], d_model=16, encoder_ffn_dim=32,
-                        decoder_ffn_dim=32, num_queries=20, decoder_layers=1, encoder_layers=1,
-                        decoder_in_channels=[16, 16, 16], num_feature_levels=3,
+  w = width
+  backbone = RTDetrResNetConfig(embedding_size=w, hidden_sizes=[w, 2 * w, 3 * w, 4 * w],
+                                depths=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"])
+  config = RTDetrConfig(backbone_config=backbone, encoder_hidden_dim=2 * w,
+                        encoder_in_channels=[2 * w, 3 * w, 4 * w], d_model=2 * w,
+                        encoder_ffn_dim=4 * w, decoder_ffn_dim=4 * w, num_queries=num_queries,
+                        decoder_layers=decoder_layers, encoder_layers=1,
+                        decoder_in_channels=[2 * w] * 3, num_feature_levels=3,
                         decoder_attention_heads=2, encoder_attention_heads=2, num_denoising=0,
-                        **_labels(num_labels))
+                        **_labels(num_labels, class_names))
   processor = RTDetrImageProcessorPil(size={"height": image_size, "width": image_size})
-  return _save(RTDetrForObjectDetection(config), processor, directory)
+  return RTDetrForObjectDetection(config), processor
+
+
+def save_rtdetr(directory: str, num_labels: int = 4, image_size: int = 64, seed: int = 0) -> str:
+  return _save(*rtdetr_model(num_labels, image_size, seed=seed), directory)
 
 
 def save_detr(directory: str, num_labels: int = 4, image_size: int = 64, seed: int = 0) -> str:
