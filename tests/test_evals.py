@@ -207,6 +207,24 @@ def test_model_heads_and_det_probe_report_their_metrics(tiny, workdir):
   assert 0 <= found["det/ap"] <= found["det/ap50"] <= 1
 
 
+@pytest.mark.parametrize("task", ["depth", "det"])
+def test_cached_features_train_the_same_probe_as_recomputed_ones(tiny, workdir, task):
+  """cache_features runs the encoder once per example. With a training split of exactly one
+  batch every step sees all of it, so the probe, its loss and its metrics equal those of the
+  probe that recomputes features each step; the linear probe's det heatmap starts at the
+  CenterNet prior, so its first loss is that of a near-empty prediction, not of p=0.5."""
+  config, run, params = tiny
+  probe = dict(_probe_config(task, steps=6), train_dataset=dict(
+      kind="dense", num_examples=16, seed=3, size=SIZE, split="probe_train"))
+  found = [dict(_evaluators(config, run, workdir, p=dict(probe, cache_features=cached))["p"]
+                .run(params)) for cached in (False, True)]
+  assert found[0].keys() == found[1].keys()
+  for name in found[0]:
+    assert found[1][name] == pytest.approx(found[0][name], rel=1e-4, abs=1e-6), name
+  if task == "det":
+    assert found[0]["p/probe_train_loss"] < 20, found[0]
+
+
 def test_centernet_decoding_inverts_the_det_targets():
   boxes = jnp.array([[[0.1, 0.2, 0.5, 0.6], [0.55, 0.05, 0.95, 0.45], [0, 0, 0, 0]]])
   classes = jnp.array([[2, 0, -1]])

@@ -43,14 +43,19 @@ def _resize(x, size: int):
 
 
 class LinearProbe(nn.Module):
-  """LayerNorm + a linear map of each patch feature to all of the task's channels."""
+  """LayerNorm + a linear map of each patch feature to all of the task's channels; each head's
+  channels start at its spec's bias (a detection heatmap at CenterNet's prior, as the model's
+  heads do, rather than at probability 0.5 on every pixel)."""
   specs: tuple
   label_size: int
 
   @nn.compact
   def __call__(self, grid):
     channels = sum(spec.channels for spec in self.specs)
-    raw = _resize(nn.Dense(channels)(nn.LayerNorm()(grid)), self.label_size)
+    bias = jnp.concatenate([jnp.full((spec.channels,), spec.bias_init, jnp.float32)
+                            for spec in self.specs])
+    dense = nn.Dense(channels, bias_init=lambda *_: bias)
+    raw = _resize(dense(nn.LayerNorm()(grid)), self.label_size)
     out, start = {}, 0
     for spec in self.specs:
       out.update(heads_lib.slice_outputs(raw[..., start:start + spec.channels], spec))
@@ -80,7 +85,8 @@ class DenseProbe(base.Evaluator):
   DEFAULT_DATASET = DEFAULT_DATASET
   OPTIONS = dict(task="seg", head="linear", steps=200, learning_rate=3e-3, weight_decay=1e-4,
                  train_batch_size=0, hidden=64, upsample=4, label_size=0, depth_loss="ssi",
-                 seed=0, max_detections=50, train_dataset=None)
+                 seed=0, max_detections=50, train_dataset=None, cache_features=False,
+                 save_examples=0)
 
   def __init__(self, name, config, context):
     where = f"config.evals.{name}"
@@ -180,13 +186,17 @@ class DenseProbe(base.Evaluator):
     mean loss of the last tenth of the steps."""
     predict, steps = self.context.predict, int(self.options.steps)
     batch_size = int(self.options.train_batch_size or self.batch_size)
-    stream = self.train_split.batches(self.augment_options(self.label_size), batch_size,
-                                      repeat=True, seed=int(self.options.seed))
+    if self.options.cache_features:
+      stream = self._cached_batches(params, batch_size)
+    else:
+      stream = ((predict("patch_features", params, batch["image"]), batch)
+                for batch in self.train_split.batches(self.augment_options(self.label_size),
+                                                      batch_size, repeat=True,
+                                                      seed=int(self.options.seed)))
     losses = []
     with self.context.run.activation_context():
       for step in range(steps):
-        batch = next(stream)
-        features = predict("patch_features", params, batch["image"])
+        features, batch = next(stream)
         if self._compiled is None:
           self._compiled = self._compile(features.shape)
         init, train_step, _ = self._compiled
@@ -198,6 +208,35 @@ class DenseProbe(base.Evaluator):
         losses.append(loss)
     tail = losses[-max(1, steps // 10):]
     return probe, float(np.mean(jax.device_get(tail)))
+
+  def _cached_batches(self, params, batch_size: int):
+    """(features, labels) batches drawn from the training split's features, computed once.
+
+    Evaluation preprocessing is deterministic (central crops), so every pass over the split
+    gives the encoder the same images: `cache_features=True` runs the encoder once per example
+    instead of once per probe step (steps x batch). For splits whose features fit in host
+    memory; each pass is a fresh permutation (seeded), full batches only."""
+    if jax.process_count() > 1:
+      raise cli.UserError(f"{self.where}.cache_features: single-process runs only (the cache "
+                          "is gathered on one host)")
+    predict = self.context.predict
+    features, labels = [], []
+    for batch in self.train_split.batches(self.augment_options(self.label_size), batch_size):
+      padded, count = pad_batch(batch, batch_size)
+      features.append(np.asarray(predict("patch_features", params, padded["image"]))[:count])
+      labels.append(self._label_fields(batch))
+    features = np.concatenate(features)
+    labels = {k: np.concatenate([part[k] for part in labels]) for k in labels[0]}
+    if len(features) < batch_size:
+      raise cli.UserError(f"{self.where}: the probe's training split has {len(features)} "
+                          f"examples, fewer than its batch size {batch_size}")
+    rng = np.random.default_rng(int(self.options.seed))
+    while True:
+      order = rng.permutation(len(features))
+      for start in range(0, len(order) - batch_size + 1, batch_size):
+        rows = np.sort(order[start:start + batch_size])
+        yield (to_device(features[rows], predict.batch_sharding),
+               {k: v[rows] for k, v in labels.items()})
 
   # -- evaluation ------------------------------------------------------------------------------
 
@@ -219,11 +258,34 @@ class DenseProbe(base.Evaluator):
   def evaluate(self, params):
     probe, loss = (None, None) if self.options.head == "model" else self.train_probe(params)
     scorer = SCORERS[self.task.name](self)
+    examples = []
     for outputs, batch in self.predictions(params, probe):
       scorer.update(outputs, batch)
+      if sum(len(part["image"]) for part in examples) < int(self.options.save_examples):
+        examples.append({"image": batch["image"], **{f"label/{k}": v for k, v in
+                                                     self._label_fields(batch).items()},
+                         **{f"prediction/{k}": v for k, v in outputs.items()}})
+    if examples:
+      self._save_examples(examples)
     if loss is not None:
       yield "probe_train_loss", loss
     yield from scorer.result().items()
+
+
+  def _save_examples(self, parts) -> None:
+    """`save_examples=N`: the first N eval images with their labels and the probe's outputs, as
+    `<workdir>/probe_examples/<name>.npz` (the newest evaluation), for pictures."""
+    import io  # pylint: disable=import-outside-toplevel
+    from clipzoo_jax import storage  # pylint: disable=import-outside-toplevel
+    count = int(self.options.save_examples)
+    arrays = {k: np.concatenate([part[k] for part in parts])[:count] for k in parts[0]}
+    if self.task.name == "seg":  # class ids, not logits
+      arrays["prediction/seg"] = arrays["prediction/seg"].argmax(-1).astype(np.int32)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    directory = storage.join(self.context.workdir, "probe_examples")
+    storage.makedirs(directory)
+    storage.write_bytes(storage.join(directory, f"{self.name}.npz"), buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------

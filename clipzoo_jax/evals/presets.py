@@ -9,18 +9,20 @@ import ml_collections
 
 
 def toyworld_evals(every: int, image_size: int = 64, batch_size: int = 64,
-                   probe_steps: int = 100) -> ml_collections.ConfigDict:
+                   probe_steps: int = 100, probe_tasks=("seg", "depth"),
+                   cache_features: bool = False) -> ml_collections.ConfigDict:
   """Zero-shot on the largest object's colour and shape (30 classes) and on its colour alone (10,
-  prompts averaged over shapes), retrieval over 5 captions per image, and linear seg / depth
-  probes on held-out toy-world scenes."""
+  prompts averaged over shapes), retrieval over 5 captions per image, and a linear probe per
+  task of `probe_tasks` (`<task>_probe`) on held-out toy-world scenes (`cache_features`: the
+  probes' training features computed once, see evals/dense_probe.py)."""
   toy = lambda kind, seed, count, **kw: dict(source="toyworld", kind=kind, seed=seed,
                                               num_examples=count, size=image_size, **kw)
   probe = lambda task: dict(
       type="dense_probe", task=task, head="linear", every=every, batch_size=batch_size,
-      steps=probe_steps, learning_rate=3e-3,
+      steps=probe_steps, learning_rate=3e-3, cache_features=cache_features,
       train_dataset=toy("dense", 1003, 256, split="probe_train"),
       dataset=toy("dense", 1004, 128, split="val"))
-  return ml_collections.ConfigDict(dict(
+  evals = ml_collections.ConfigDict(dict(
       zeroshot=dict(type="zeroshot", every=every, batch_size=batch_size, templates="toyworld",
                     dataset=toy("classification", 1001, 256)),
       zeroshot_colour=dict(type="zeroshot", every=every, batch_size=batch_size,
@@ -28,9 +30,10 @@ def toyworld_evals(every: int, image_size: int = 64, batch_size: int = 64,
                            dataset=toy("classification", 1001, 256, label="colour")),
       retrieval=dict(type="retrieval", every=every, batch_size=batch_size,
                      dataset=toy("retrieval", 1002, 128, captions_per_image=5)),
-      seg_probe=probe("seg"),
-      depth_probe=probe("depth"),
   ))
+  for task in probe_tasks:
+    evals[f"{task}_probe"] = probe(task)
+  return evals
 
 
 def tfds_evals(data_dir: str, every: int, batch_size: int = 256,
