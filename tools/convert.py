@@ -5,7 +5,7 @@ r"""JAX <-> PyTorch conversion of CLIPTeX models.
   # a pre-trained CLIP (HF folder, OpenAI .pt, open_clip file) -> our params, for inspection
   python tools/convert.py import --source PATH --out params.npz|params.msgpack [--workdir W]
   # parity report: the run's checkpoint in JAX vs the exported folder in PyTorch
-  python tools/convert.py check --workdir W --hf DIR [--step N]
+  python tools/convert.py check --workdir W --hf DIR [--step N] [--report parity.json]
 """
 
 import argparse
@@ -84,8 +84,12 @@ def check(args) -> dict:
   params, config = checkpoint.restore_params(args.workdir, args.step)
   errors = parity.compare(params, _fp32(config.model), args.hf, batch=args.batch)
   worst = max(errors.values())
-  return {"relative_errors": errors, "max": worst, "tolerance": args.tolerance,
-          "ok": worst <= args.tolerance}
+  report = {"relative_errors": errors, "max": worst, "tolerance": args.tolerance,
+            "ok": worst <= args.tolerance}
+  if args.report:
+    from clipzoo_jax import atomic_files
+    atomic_files.write_text(args.report, json.dumps(report, indent=1) + "\n")
+  return report
 
 
 def parse(argv):
@@ -109,6 +113,7 @@ def parse(argv):
   p.add_argument("--hf", required=True)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE)
+  p.add_argument("--report", default=None, help="also write the parity report here (JSON)")
   return parser.parse_args(argv)
 
 
