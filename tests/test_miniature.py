@@ -127,3 +127,32 @@ def test_quick_run_end_to_end_then_a_rerun_redoes_nothing(tmp_path):
   assert "ex/s ETA" not in again.stdout  # no training step ran
   assert {str(p): p.stat().st_mtime for p in checkpoints} == stamps
   assert json.loads((out / "results.json").read_text())["metrics"] == result["metrics"]
+
+
+def test_sigterm_stops_after_the_stage_in_progress_and_a_rerun_continues(tmp_path, monkeypatch):
+  """A stage that was asked to stop (SIGTERM: training saves and returns early) is not followed by
+  the next stage, whose input it would be; the rerun does the rest."""
+  from clipzoo_jax import stop_signal
+  done = []
+
+  def stage(name, signal=False):
+    def run():
+      done.append(name)
+      if signal:
+        stop_signal._requested = True  # what the SIGTERM handler sets
+    return name, run
+
+  def fake_stages(self):
+    first = not os.path.exists(self.path("timings.json"))
+    return [stage("a"), stage("b", signal=first), stage("c"), stage("report")]
+
+  monkeypatch.setattr(experiment.Experiment, "stages", fake_stages)
+  monkeypatch.setattr(stop_signal, "_requested", False)
+  settings = experiment.Settings(quick=True, num_seeds=1)
+  assert experiment.Experiment(str(tmp_path), settings, log=lambda _: None).run() == {}
+  assert done == ["a", "b"]
+  assert list(json.loads((tmp_path / "timings.json").read_text())) == ["a"]
+  stop_signal.reset()
+  (tmp_path / "results.json").write_text("{}")
+  experiment.Experiment(str(tmp_path), settings, log=lambda _: None).run()
+  assert done == ["a", "b", "a", "b", "c", "report"]

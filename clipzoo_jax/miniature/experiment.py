@@ -33,6 +33,7 @@ from typing import Callable
 
 from clipzoo_jax import atomic_files
 from clipzoo_jax import cli
+from clipzoo_jax import stop_signal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ALL_TASKS = ("seg", "depth", "normals", "det")
@@ -98,6 +99,15 @@ def has_evals(workdir: str, evals_config) -> bool:
   return all(any(key.startswith(f"{name}/") for key in row) for name in evals_config)
 
 
+class Stopped(Exception):
+  """SIGTERM arrived: the stage in progress saved what it had; the rest waits for a rerun."""
+
+
+def check_stop(after: str) -> None:
+  if stop_signal.requested():
+    raise Stopped(after)
+
+
 class Experiment:
   """The stages in order; `run()` does what is left and writes the report."""
 
@@ -125,6 +135,7 @@ class Experiment:
     return stages
 
   def run(self) -> dict:
+    """The stages left to do; the results ({} when SIGTERM stopped the experiment first)."""
     check_settings(self.out, self.settings)
     stages = self.stages()
     start = time.perf_counter()
@@ -132,7 +143,13 @@ class Experiment:
       self.log(f"== stage {index + 1}/{len(stages)}: {name} "
                f"({time.perf_counter() - start:.0f} s so far)")
       began = time.perf_counter()
-      stage()
+      try:
+        stage()
+        check_stop(name)
+      except Stopped:
+        self.log(f"== stopped by SIGTERM in stage {name}: what it finished is saved; run the "
+                 "same command again to continue")
+        return {}
       self.timings[name] = round(time.perf_counter() - began, 1)
       atomic_files.write_text(self.path("timings.json"), json.dumps(self.timings, indent=1))
     self.log(f"== done in {time.perf_counter() - start:.0f} s: {self.path('results.md')}")
@@ -166,6 +183,7 @@ class Experiment:
     import configs.miniature  # pylint: disable=import-outside-toplevel
     config = configs.miniature.get_config(arg)
     train.train(config, workdir)
+    check_stop(workdir)  # a run stopped early is not to be exported or evaluated
     return config
 
   def pretrain(self) -> None:
