@@ -42,3 +42,11 @@ def get_config(arg=None):
   if args.steps:
     config.total_steps = args.steps
   return config
+
+
+def sweep(add, arg=None):
+  """The pre-training in both sizes; the fine-tune arms need a pre-trained CLIP and a
+  pseudo-labelled corpus first: `tools/miniature.py` runs them all."""
+  del arg
+  add(name="pretrain", arg="stage=pretrain")
+  add(name="pretrain_quick", arg="stage=pretrain,quick")

@@ -17,7 +17,7 @@ PROBE_TASKS = ("seg", "depth", "normals", "det")
 def evals_config(image_size: int, quick: bool) -> ml_collections.ConfigDict:
   """Zero-shot (object and colour), retrieval and a linear probe per dense task on held-out
   labelled toy-world splits, at the end of a run only."""
-  evals = presets.toyworld_evals(0, image_size, probe_steps=100 if quick else 200,
+  evals = presets.toyworld_evals(0, image_size, probe_steps=50 if quick else 200,
                                  probe_tasks=PROBE_TASKS, cache_features=True)
   for task in ("seg", "depth", "normals"):  # kept for the picture of probe predictions
     evals[f"{task}_probe"].save_examples = 3
@@ -38,7 +38,7 @@ def finetune_config(data_dir: str, init: str, tasks, quick: bool) -> ml_collecti
   heads.num_det_classes = len(toyworld.DET_CLASSES)
   heads.hidden = 32
   config.loss.weights = {task: 1.0 for task in tasks}
-  config.total_steps = 60 if quick else 150
+  config.total_steps = 40 if quick else 150
   config.checkpoint_every = config.total_steps
   config.log_every = 10
   config.optim.learning_rate = 3e-4
