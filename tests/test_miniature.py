@@ -95,7 +95,8 @@ def test_results_table_and_chart_from_the_runs_metrics(tmp_path):
 def test_quick_run_end_to_end_then_a_rerun_redoes_nothing(tmp_path):
   """The README's main command with --quick, as CI runs it: every stage, the table with all
   three models, the chart and pictures, the pseudo-labels of all four experts, the export's
-  parity; the pre-trained CLIP's zero-shot above chance even after the quick pre-training. Rerun, it trains nothing."""
+  parity; the pre-trained CLIP's zero-shot above chance even after the quick pre-training.
+  Rerun, it trains nothing."""
   import subprocess
   import sys
   out = tmp_path / "miniature"
