@@ -229,14 +229,13 @@ class Run:
 
   def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's NumPy batch as global jax.Arrays, checked against the batch contract."""
-    from clipzoo_jax.data import loader  # pylint: disable=import-outside-toplevel
     missing = sorted(set(self.abstract_batch) - set(local))
     unexpected = sorted(set(local) - set(self.abstract_batch))
     if missing or unexpected:
       raise ValueError(f"input batch: fields differ from the batch contract of "
                        f"config.model.heads.tasks {list(self.config.model.heads.tasks)}: missing "
                        f"{missing}, unexpected {unexpected}")
-    batch = loader.to_global_batch(local, self.mesh)
+    batch = sharding.to_global_batch(local, self.mesh)
     for name, value in batch.items():
       expected = self.abstract_batch[name]
       if value.shape != expected.shape or value.dtype != expected.dtype:
@@ -335,7 +334,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
   mesh = build_mesh(config, devices)
   check_batch_fits_mesh(config, mesh)
   rules = sharding.rules_from_config(config.get("sharding_rules"))
-  model = clip.CLIPTeX(config.model)
+  model = clip.CLIPTeX(config.model, platform=devices[0].platform)
   abstract_params, param_logical = abstract_params_and_specs(config.model)
   tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
   shardings = state_shardings(tx, abstract_params, param_logical, mesh, rules)

@@ -97,3 +97,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def to_global_batch(local, mesh: Mesh, batch_partition=BATCH_AXES) -> dict[str, jax.Array]:
+  """Global jax.Arrays from each process's local batch (name -> NumPy array), sharded over the
+  leading axis. Here rather than in the loader so that a train step fed by other means (synthetic
+  batches, benchmarks, another input library) needs no TensorFlow."""
+  partition = tuple(batch_partition) if not isinstance(batch_partition, str) else batch_partition
+  sharding = NamedSharding(mesh, PartitionSpec(partition))
+  return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+          for name, value in local.items()}

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
+from clipzoo_jax import sharding
 from clipzoo_jax.data import augment, loader, records, shards
 
 ALL_TASKS = list(records.TASKS)
@@ -427,7 +428,7 @@ def test_to_global_batch_shards_the_leading_axis_over_data_and_fsdp(mixed_dir):
   assert jax.device_count() == 8
   mesh = Mesh(np.array(jax.devices()).reshape(2, 4, 1), ("data", "fsdp", "tensor"))
   local = next(_pipeline(mixed_dir, batch=8))
-  global_batch = loader.to_global_batch(local, mesh)
+  global_batch = sharding.to_global_batch(local, mesh)
   assert sorted(global_batch) == sorted(local)
   for name, array in global_batch.items():
     assert array.shape == local[name].shape and array.dtype == local[name].dtype

@@ -14,7 +14,6 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 import tensorflow as tf
-from jax.sharding import NamedSharding, PartitionSpec
 
 from clipzoo_jax import cli
 from clipzoo_jax import tasks as task_lib
@@ -266,11 +265,3 @@ class InputPipeline:
   def close(self) -> None:
     self._iterator = None
 
-
-def to_global_batch(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
-                    batch_partition: str | Sequence[str] = ("data", "fsdp")) -> dict[str, jax.Array]:
-  """Global jax.Arrays from each process's local batch, sharded over the leading axis."""
-  partition = tuple(batch_partition) if not isinstance(batch_partition, str) else batch_partition
-  sharding = NamedSharding(mesh, PartitionSpec(partition))
-  return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-          for name, value in local.items()}
