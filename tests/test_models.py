@@ -136,3 +136,76 @@ def test_attention_softmax_equals_jax_softmax_and_keeps_bfloat16_probabilities()
   assert grad_half.dtype == jnp.bfloat16
   np.testing.assert_allclose(grad_half.astype(jnp.float32), jax.grad(loss(reference))(logits),
                              atol=0.02)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("implementation", ["heads_first", "einsum"])
+def test_attention_implementations_equal_jax_reference_attention(implementation, causal):
+  """Each XLA attention layout computes jax.nn.dot_product_attention (JAX's own reference),
+  forward and gradient, with and without the causal mask of the text tower."""
+  from clipzoo_jax.models import transformer as tfm
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 9, 16)), jnp.float32)
+  module = tfm.Attention(num_heads=4, causal=causal, implementation=implementation)
+  params = nn.unbox(module.init(jax.random.PRNGKey(0), x)["params"])
+
+  def reference(p, x):
+    project = lambda n: jnp.einsum("bld,dhk->blhk", x, p[n]["kernel"]) + p[n]["bias"]
+    out = jax.nn.dot_product_attention(project("query"), project("key"), project("value"),
+                                       is_causal=causal, implementation="xla")
+    return jnp.einsum("blhk,hkd->bld", out, p["out"]["kernel"]) + p["out"]["bias"]
+
+  ours = lambda params, x: module.apply({"params": params}, x)
+  np.testing.assert_allclose(ours(params, x), reference(params, x), rtol=1e-5, atol=1e-6)
+  loss = lambda fn: lambda params, x: jnp.sum(jnp.sin(fn(params, x)))
+  got, want = (jax.grad(loss(fn), argnums=(0, 1))(params, x) for fn in (ours, reference))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_fused_attention_equals_unpadded(causal):
+  """The cuDNN path pads the sequence (197 -> 256 in a B/16 ViT) and masks the padded keys; run
+  here through the same jax.nn.dot_product_attention call with XLA, it must equal attention over
+  the unpadded sequence, forward and gradient."""
+  from clipzoo_jax.models import transformer as tfm
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 13, 3, 8)), jnp.float32) for _ in range(3))
+  padded = lambda q, k, v: tfm.fused_attention(q, k, v, causal, "xla", multiple=8)
+  plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+  np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
+  loss = lambda fn: lambda *a: jnp.sum(jnp.cos(fn(*a)))
+  for a, b in zip(jax.grad(loss(padded), (0, 1, 2))(q, k, v),
+                  jax.grad(loss(plain), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_attention_picks_the_layout_measured_best_on_each_platform():
+  from clipzoo_jax import cli
+  from clipzoo_jax.models import transformer as tfm
+  resolve = tfm.resolve_attention
+  assert resolve("auto", "cpu", jnp.float32, 64) == "heads_first"
+  assert resolve("auto", "tpu", jnp.bfloat16, 64) == "einsum"
+  assert resolve("auto", "gpu", jnp.bfloat16, 64) == "cudnn"
+  assert resolve("auto", "gpu", jnp.float32, 64) == "heads_first"   # cuDNN's kernel: half only
+  assert resolve("auto", "gpu", jnp.bfloat16, 160) == "heads_first"  # head_dim over 128
+  assert resolve("einsum", "cpu", jnp.float32, 64) == "einsum"
+  with pytest.raises(cli.UserError, match="model.attention 'cudnn' needs a GPU.*platform 'cpu'"):
+    resolve("cudnn", "cpu", jnp.bfloat16, 64)
+  with pytest.raises(cli.UserError, match="model.attention: expected one of.*found 'flash'"):
+    resolve("flash", "cpu", jnp.float32, 64)
+
+
+def test_the_aot_platform_not_the_host_decides_auto_attention():
+  """An AOT check for TPU traces on a CPU host: the TPU layout must be what gets compiled, so the
+  model's `platform` (run.setup passes the mesh devices' platform) overrides the host backend."""
+  config = helpers.tiny_config([])
+  model = clip.CLIPTeX(config.model, platform="tpu")
+  images = jnp.zeros((1, config.model.image.image_size, config.model.image.image_size, 3))
+  tokens = jnp.zeros((1, config.model.text.context_length), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), images, tokens)["params"]
+  hlo = jax.jit(lambda p: model.apply({"params": p}, images, tokens)).lower(params).as_text()
+  host = clip.CLIPTeX(config.model, platform="cpu")
+  host_hlo = jax.jit(lambda p: host.apply({"params": p}, images, tokens)).lower(params).as_text()
+  # heads_first transposes q, k, v and the output: 4 transposes per layer more than einsum's
+  assert host_hlo.count("stablehlo.transpose") > hlo.count("stablehlo.transpose")

@@ -36,8 +36,10 @@ def normalize_pixels(images):
 
 class CLIPTeX(nn.Module):
   """Parameters: `img` (image tower), `txt` (text tower), `logit_scale`, `logit_bias` (SigLIP
-  loss only), `heads/...`."""
+  loss only), `heads/...`. `platform` (cpu, gpu, tpu) picks the attention implementation that
+  config.attention 'auto' stands for; default: JAX's default backend."""
   config: ml_collections.ConfigDict
+  platform: str | None = None
 
   def setup(self):
     cfg = self.config
@@ -47,14 +49,15 @@ class CLIPTeX(nn.Module):
         mlp_dim=cfg.image.mlp_dim, patch_size=cfg.image.patch_size,
         image_size=cfg.image.image_size, embed_dim=cfg.embed_dim,
         activation=cfg.image.activation, layer_norm_eps=cfg.image.layer_norm_eps,
-        scan=cfg.scan_layers, remat=cfg.remat, dtype=dtype)
+        scan=cfg.scan_layers, remat=cfg.remat, dtype=dtype,
+        attention=cfg.get("attention", "auto"), platform=self.platform)
     self.txt = text_lib.TextTower(
         width=cfg.text.width, depth=cfg.text.depth, num_heads=cfg.text.num_heads,
         mlp_dim=cfg.text.mlp_dim, vocab_size=cfg.text.vocab_size,
         context_length=cfg.text.context_length, embed_dim=cfg.embed_dim,
         activation=cfg.text.activation, layer_norm_eps=cfg.text.layer_norm_eps,
         eos_token_id=cfg.text.get("eos_token_id"), scan=cfg.scan_layers, remat=cfg.remat,
-        dtype=dtype)
+        dtype=dtype, attention=cfg.get("attention", "auto"), platform=self.platform)
     self.logit_scale = self.param(
         "logit_scale", nn.with_logical_partitioning(
             nn.initializers.constant(cfg.get("logit_scale_init", math.log(1 / 0.07))), ()), ())

@@ -30,6 +30,8 @@ class TextTower(nn.Module):
   scan: bool = False
   remat: str = "none"
   dtype: tfm.Dtype = jnp.float32
+  attention: str = "auto"
+  platform: str | None = None
 
   @nn.compact
   def __call__(self, tokens):
@@ -45,7 +47,8 @@ class TextTower(nn.Module):
     x = x + pos.astype(self.dtype)
     x = tfm.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, causal=True,
                     layer_norm_eps=self.layer_norm_eps, scan=self.scan, remat=self.remat,
-                    dtype=self.dtype, name="encoder")(x)
+                    dtype=self.dtype, attention=self.attention, platform=self.platform,
+                    name="encoder")(x)
     x = tfm.LayerNorm(self.layer_norm_eps, self.dtype, name="ln_final")(x)
     pooled = x[jnp.arange(batch), eos_positions(tokens, self.eos_token_id)]
     return nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, name="proj",

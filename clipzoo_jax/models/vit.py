@@ -22,6 +22,8 @@ class ImageTower(nn.Module):
   scan: bool = False
   remat: str = "none"
   dtype: tfm.Dtype = jnp.float32
+  attention: str = "auto"
+  platform: str | None = None
 
   @property
   def grid_size(self) -> int:
@@ -54,7 +56,8 @@ class ImageTower(nn.Module):
     x = tfm.LayerNorm(self.layer_norm_eps, self.dtype, name="ln_pre")(x)
     x = tfm.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, causal=False,
                     layer_norm_eps=self.layer_norm_eps, scan=self.scan, remat=self.remat,
-                    dtype=self.dtype, name="encoder")(x)
+                    dtype=self.dtype, attention=self.attention, platform=self.platform,
+                    name="encoder")(x)
     patches = x[:, 1:].reshape(batch, grid, grid, self.width)
     pooled = tfm.LayerNorm(self.layer_norm_eps, self.dtype, name="ln_post")(x[:, 0])
     embedding = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, name="proj",
