@@ -11,16 +11,25 @@
     8 forced CPU devices), replicated (mesh data=8) against FSDP (fsdp=8), under each remat
     policy, with gradient accumulation and with the chunked contrastive loss.
 
+(gpu) where a GPU is present: the same (a) and (b) at B/16 (image 768 wide x 12, text 512 x 12),
+    224 px, mixed precision (float32 parameters, bfloat16 matmuls), global batch --gpu_batch:
+    CLIP only and CLIPTeX with each attention implementation, and HF CLIPModel under bf16
+    autocast with PyTorch's SDPA attention, eager and torch.compile. MFU is FLOPs per step (XLA's
+    count of the step with XLA attention, for every row) over the chip's dense bf16 peak
+    (--gpu_peak_tflops, default the H100/H200 SXM datasheet's 989); a bf16 matmul's measured
+    rate is recorded beside it.
+
 Synthetic batches isolate the step from the input pipeline. Run it alone on the machine: two
 cores shared with anything else give meaningless times.
 
-  python benchmarks/train_step.py [--parts speed,torch,memory] [--steps 12] [--cases ...]
+  python benchmarks/train_step.py [--parts speed,torch,memory,gpu] [--steps 12] [--cases ...]
 
 Writes benchmarks/results/train_step.json (each part's rows; a part rerun replaces its own rows)
 and prints a table per part.
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -33,6 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "train_step.json")
+RESULTS_GPU = os.environ.get("CLIPZOO_GPU_RESULTS") or os.path.join(
+    ROOT, "benchmarks", "results", "train_step_gpu.json")
 SPEED_CASES = ("ref_clip", "ref_cliptex", "demo", "demo_clipft")
 MEMORY_CASES = {  # name -> (mesh, remat, overrides)
     "replicated_none": ([8, 1, 1], "none", {}),
@@ -69,6 +80,26 @@ def case_config(name: str):
   raise ValueError(f"unknown case {name!r}; known: {SPEED_CASES}")
 
 
+GPU_CASES = {  # name -> (tasks: all or none, model.attention)
+    "b16_clip": (False, "auto"),
+    "b16_clip_xla_attention": (False, "heads_first"),
+    "b16_cliptex": (True, "auto"),
+}
+
+
+def gpu_config(name: str, batch: int):
+  """B/16 at 224 px, bfloat16 matmuls, AdamW, the issue-11 heads (150 seg / 80 det classes)."""
+  from clipzoo_jax import config_base  # pylint: disable=import-outside-toplevel
+  from clipzoo_jax import tasks as task_lib  # pylint: disable=import-outside-toplevel
+  with_heads, attention = GPU_CASES[name]
+  config = config_base.shape_config("B/16", list(task_lib.names()) if with_heads else [], batch)
+  config.model.dtype, config.model.attention = "bfloat16", attention
+  config.optim.lr_multipliers = []
+  config.mesh, config.mesh_allow_shrink = [1, 1, 1], False
+  config.total_steps = 1000
+  return config
+
+
 def _median_time(fn, steps: int) -> tuple[float, float]:
   import numpy as np  # pylint: disable=import-outside-toplevel
   times = []
@@ -90,18 +121,36 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
   return 2 * size ** 3 / median / 1e9
 
 
+def matmul_peak_bf16_tflops(size: int = 8192, repeats: int = 10) -> float:
+  """bf16 TFLOP/s of one large square matmul (float32 accumulation) on the default device."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.bfloat16)
+  matmul = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(matmul(a, a))
+  median, _ = _median_time(lambda: jax.block_until_ready(matmul(a, a)), repeats)
+  return 2 * size ** 3 / median / 1e12
+
+
 def unrolled_flops(config) -> float:
-  """XLA's FLOPs of the whole step (layers unrolled; these configs do not scan)."""
+  """XLA's FLOPs of the whole step (layers unrolled; these configs do not scan). Counted with
+  XLA attention: cuDNN's fused attention is a custom call that XLA does not count."""
   from clipzoo_jax import run as run_lib  # pylint: disable=import-outside-toplevel
-  run = run_lib.setup(config)
+  import jax  # pylint: disable=import-outside-toplevel
+  config = config.copy_and_resolve_references()
+  config.model.attention = "heads_first"
+  # lowered on a host CPU device: XLA:GPU answers no cost analysis before compiling
+  run = run_lib.setup(config, devices=jax.devices("cpu")[:1])
   return float(run.train_step.lower(run.abstract_state, run.abstract_batch).cost_analysis()["flops"])
 
 
-def measure_jax(name: str, steps: int, peak: float) -> dict:
+def measure_jax(name: str, steps: int, peak: float, config=None) -> dict:
+  """`peak` in GFLOP/s; `config` defaults to the CPU case of that name."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from clipzoo_jax import run as run_lib  # pylint: disable=import-outside-toplevel
-  config = case_config(name)
+  from clipzoo_jax.models import transformer as tfm  # pylint: disable=import-outside-toplevel
+  config = config or case_config(name)
   run = run_lib.setup(config)
   start = time.perf_counter()
   run.compile()
@@ -119,8 +168,11 @@ def measure_jax(name: str, steps: int, peak: float) -> dict:
 
   median, fastest = _median_time(step, steps)
   params = sum(x.size for x in jax.tree.leaves(run.abstract_state["params"]))
-  del jnp
-  return {"case": name, "implementation": "clipzoo_jax (jit)",
+  image = config.model.image
+  attention = tfm.resolve_attention(config.model.get("attention", "auto"), jax.default_backend(),
+                                    jnp.dtype(config.model.dtype), image.width // image.num_heads)
+  return {"case": name, "implementation": "clipzoo_jax (jit)", "dtype": config.model.dtype,
+          "attention": attention, "device": jax.devices()[0].device_kind,
           "tasks": list(config.model.heads.tasks), "image_size": config.data.image_size,
           "global_batch": config.global_batch_size, "params_millions": params / 1e6,
           "compile_s": compile_s, "step_s_median": median, "step_s_min": fastest,
@@ -128,36 +180,53 @@ def measure_jax(name: str, steps: int, peak: float) -> dict:
           "share_of_matmul_peak": flops / 1e9 / median / peak}
 
 
-def hf_clip_model():
-  """Hugging Face CLIPModel of the reference shape (random weights; nothing is downloaded)."""
+def hf_clip_model(shape: str = "ref"):
+  """Hugging Face CLIPModel (random weights; nothing is downloaded) of the reference shape, or
+  B/16 (`b16`: image 768 x 12 / 12 heads, text 512 x 12 / 8 heads, embed 512)."""
   import transformers  # pylint: disable=import-outside-toplevel
+  if shape == "b16":
+    text, image, projection = (512, 12, 8), (768, 12, 12), 512
+  else:
+    text, image, projection = (384, 6, 6), (384, 6, 6), 384
+  tower = lambda width, depth, heads: dict(hidden_size=width, intermediate_size=4 * width,
+                                           num_hidden_layers=depth, num_attention_heads=heads,
+                                           hidden_act="quick_gelu")
   config = transformers.CLIPConfig(
-      text_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-                       num_attention_heads=6, max_position_embeddings=77, vocab_size=49408,
-                       hidden_act="quick_gelu"),
-      vision_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-                         num_attention_heads=6, image_size=224, patch_size=16,
-                         hidden_act="quick_gelu"),
-      projection_dim=384)
+      text_config=dict(tower(*text), max_position_embeddings=77, vocab_size=49408),
+      vision_config=dict(tower(*image), image_size=224, patch_size=16),
+      projection_dim=projection)
   return transformers.CLIPModel(config)
 
 
-def measure_torch(mode: str, steps: int, peak: float, flops: float) -> dict:
-  """One AdamW step of HF CLIPModel with its contrastive loss, eager or torch.compile'd."""
+def measure_torch(mode: str, steps: int, peak: float, flops: float, shape: str = "ref",
+                  batch: int = 32) -> dict:
+  """One AdamW step of HF CLIPModel with its contrastive loss, eager or torch.compile'd: float32
+  on the CPU; on a GPU float32 parameters under bfloat16 autocast with SDPA attention (the mixed
+  precision of our bfloat16 step). `peak` in GFLOP/s."""
+  import contextlib  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
-  torch.set_num_threads(os.cpu_count())
-  model = hf_clip_model().train()
-  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+  cuda = torch.cuda.is_available()
+  device = "cuda" if cuda else "cpu"
+  if not cuda:
+    torch.set_num_threads(os.cpu_count())
+  model = hf_clip_model(shape).to(device).train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
+                                **({"fused": True} if cuda else {}))
   forward = torch.compile(model) if mode == "torch.compile" else model
-  pixels = torch.randn(32, 3, 224, 224)
-  tokens = torch.randint(1, 49407, (32, 77))
+  pixels = torch.randn(batch, 3, 224, 224, device=device)
+  tokens = torch.randint(1, 49407, (batch, 77), device=device)
+  autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (
+      contextlib.nullcontext)
 
   def step():
-    loss = forward(input_ids=tokens, pixel_values=pixels, return_loss=True).loss
+    with autocast():
+      loss = forward(input_ids=tokens, pixel_values=pixels, return_loss=True).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if cuda:
+      torch.cuda.synchronize()
 
   start = time.perf_counter()
   step()  # eager: warm-up; compile: traces and compiles
@@ -165,10 +234,14 @@ def measure_torch(mode: str, steps: int, peak: float, flops: float) -> dict:
   compile_s = time.perf_counter() - start
   median, fastest = _median_time(step, steps)
   params = sum(p.numel() for p in model.parameters())
-  return {"case": "ref_clip", "implementation": f"Hugging Face CLIPModel, {mode}",
-          "tasks": [], "image_size": 224, "global_batch": 32, "params_millions": params / 1e6,
+  return {"case": "ref_clip" if shape == "ref" else "b16_clip",
+          "implementation": f"Hugging Face CLIPModel, {mode}",
+          "dtype": "bfloat16 autocast" if cuda else "float32",
+          "attention": getattr(model.config, "_attn_implementation", None),
+          "device": torch.cuda.get_device_name() if cuda else "cpu",
+          "tasks": [], "image_size": 224, "global_batch": batch, "params_millions": params / 1e6,
           "compile_s": compile_s, "step_s_median": median, "step_s_min": fastest,
-          "examples_per_s": 32 / median, "gflop_per_step": flops / 1e9,
+          "examples_per_s": batch / median, "gflop_per_step": flops / 1e9,
           "share_of_matmul_peak": flops / 1e9 / median / peak, "torch": torch.__version__}
 
 
@@ -207,9 +280,11 @@ def measure_memory(name: str) -> dict:
 
 
 def save(part: str, rows: list, extra: dict) -> None:
+  """Into RESULTS, or RESULTS_GPU for part gpu (a file per machine: each records its machine)."""
+  path = RESULTS_GPU if part == "gpu" else RESULTS
   saved = {}
-  if os.path.exists(RESULTS):
-    with open(RESULTS) as f:
+  if os.path.exists(path):
+    with open(path) as f:
       saved = json.load(f)
     if "parts" not in saved:  # an older layout of this file: start over
       saved = {}
@@ -217,17 +292,51 @@ def save(part: str, rows: list, extra: dict) -> None:
   saved.update({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                 "backend": jax.default_backend()})
   saved.setdefault("parts", {})[part] = {"rows": rows, **extra}
-  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-  with open(RESULTS + ".tmp", "w") as f:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
     json.dump(saved, f, indent=1)
-  os.replace(RESULTS + ".tmp", RESULTS)
+  os.replace(path + ".tmp", path)
 
 
-def print_speed(rows: list, peak: float) -> None:
-  print(f"fp32 matmul peak of JAX here: {peak:.0f} GFLOP/s")
+def measure_gpu(args, save_rows) -> list:
+  """Part (gpu): each row's share_of_matmul_peak is its MFU against --gpu_peak_tflops. Ours and
+  PyTorch's rows alternate, and every row is saved as it comes, so a run cut short by a time
+  limit still compares the two."""
+  rows, peak, flops = [], args.gpu_peak_tflops * 1e3, {}
+
+  def clip_flops():
+    if "b16_clip" not in flops:
+      flops["b16_clip"] = unrolled_flops(gpu_config("b16_clip", args.gpu_batch))
+    return flops["b16_clip"]
+
+  def ours(name):
+    row = measure_jax(name, args.steps, peak, gpu_config(name, args.gpu_batch))
+    flops[name] = row["gflop_per_step"] * 1e9
+    return row
+
+  jobs = [(name, functools.partial(ours, name)) for name in args.gpu_cases.split(",")]
+  for i, mode in enumerate(("eager", "torch.compile")):
+    torch_job = (f"Hugging Face CLIPModel, {mode}", lambda mode=mode: measure_torch(
+        mode, args.steps, peak, clip_flops(), "b16", args.gpu_batch))
+    jobs.insert(min(2 * i + 1, len(jobs)), torch_job)
+  for name, job in jobs:
+    try:
+      rows.append(job())
+    except Exception as error:  # pylint: disable=broad-except  # one failed case keeps the others
+      rows.append({"case": name, "error": f"{type(error).__name__}: {error}"[:2000]})
+    print(json.dumps(rows[-1]), flush=True)
+    save_rows(rows)
+  return rows
+
+
+def print_speed(rows: list, peak: float, label: str = "fp32 matmul peak of JAX here") -> None:
+  print(f"{label}: {peak:.0f} GFLOP/s")
   print(" | ".join(("case", "implementation", "params M", "step s (median)", "ex/s",
                     "GFLOP/step", "share of matmul peak", "compile s")))
   for r in rows:
+    if "error" in r:
+      print(f"{r['case']} | error: {r['error'][:300]}")
+      continue
     print(" | ".join(str(v) for v in (
         r["case"], r["implementation"], f"{r['params_millions']:.1f}", f"{r['step_s_median']:.3f}",
         f"{r['examples_per_s']:.1f}", f"{r['gflop_per_step']:.0f}",
@@ -250,6 +359,10 @@ def main():
   parser.add_argument("--parts", default="speed,torch,memory")
   parser.add_argument("--cases", default="ref_clip,ref_cliptex", help="speed part's cases")
   parser.add_argument("--steps", type=int, default=12)
+  parser.add_argument("--gpu_cases", default=",".join(GPU_CASES))
+  parser.add_argument("--gpu_batch", type=int, default=256, help="global batch of part gpu")
+  parser.add_argument("--gpu_peak_tflops", type=float, default=989.0,
+                      help="the chip's dense bf16 peak, the denominator of MFU (part gpu)")
   parser.add_argument("--memory_child", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.memory_child:
@@ -268,6 +381,14 @@ def main():
     rows = [measure_torch(mode, args.steps, peak, clip_flops) for mode in ("eager", "torch.compile")]
     save("torch", rows, {"matmul_peak_gflops": peak})
     print_speed(rows, peak)
+  if "gpu" in parts:
+    measured = matmul_peak_bf16_tflops()
+    print(f"a bf16 8192^3 matmul measured here: {measured:.0f} TFLOP/s", flush=True)
+    extra = {"peak_bf16_tflops_assumed": args.gpu_peak_tflops,
+             "matmul_bf16_tflops_measured": measured, "steps": args.steps}
+    rows = measure_gpu(args, lambda rows: save("gpu", rows, extra))
+    print_speed(rows, args.gpu_peak_tflops * 1e3, "dense bf16 peak assumed for MFU")
+    print(f"a bf16 8192^3 matmul measured here: {measured:.0f} TFLOP/s")
   if "memory" in parts:
     rows = [measure_memory(name) for name in MEMORY_CASES]
     save("memory", rows, {})
