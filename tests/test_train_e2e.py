@@ -54,7 +54,7 @@ def _checkpoint_steps(workdir):
   return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
 
 
-def test_demo_loss_falls_resumes_and_first_step_matches_one_device(tmp_path):
+def test_demo_loss_falls_and_resumes_on_another_device_count(tmp_path):
   workdir = str(tmp_path / "demo")
   narrow = "--config.model.heads.hidden=16"  # the demo's 64-wide heads are most of its time
   out = _train(workdir, "--config.total_steps=40", "--config.checkpoint_every=20", narrow,
@@ -69,25 +69,21 @@ def test_demo_loss_falls_resumes_and_first_step_matches_one_device(tmp_path):
   assert rows[-1]["loss"] < 0.9 * rows[0]["loss"]
   assert _checkpoint_steps(workdir) == [20, 40]
 
-  _train(workdir, "--config.total_steps=60", "--config.checkpoint_every=20", narrow)
+  # resumed on 1 device from the 8-device (data=4, fsdp=2) checkpoint: the data position and the
+  # state carry over (tests/test_fault_tolerance.py checks the losses equal across 8, 4 and 1)
+  out = _train(workdir, "--config.total_steps=50", "--config.checkpoint_every=10", narrow,
+               devices=1)
+  assert "step 50/50" in out
   new_rows = _rows(workdir)[len(rows):]
-  assert new_rows[0]["step"] == 41 and new_rows[-1]["step"] == 60
-  assert _checkpoint_steps(workdir)[-1] == 60
-
-  # Step 1's loss is computed before any update, so a 1-step run on one device must match the
-  # 8-device (data=4, fsdp=2) run's first row: same data, same init, different sharding.
-  single = str(tmp_path / "single")
-  _train(single, "--config.total_steps=1", "--config.log_every=1", narrow, devices=1)
-  first = _rows(single)[0]
-  assert first["step"] == 1
-  for key in ("loss", "loss/contrastive", "loss/seg", "loss/depth", "loss/normals", "loss/det"):
-    assert first[key] == pytest.approx(rows[0][key], rel=1e-5), key
+  assert new_rows[0]["step"] == 41 and new_rows[-1]["step"] == 50
+  assert _checkpoint_steps(workdir)[-1] == 50
+  assert new_rows[-1]["loss"] < 0.9 * rows[0]["loss"]
 
 
 def test_preempted_run_resumes_to_the_same_losses(tmp_path):
   """SIGTERM to the whole process group (as a VM shutdown sends it: the loader's worker
   processes get it too) saves and stops; the rerun continues with the same losses."""
-  flags = ["--config.total_steps=30", "--config.log_every=1", "--config.checkpoint_every=1000"]
+  flags = ["--config.total_steps=20", "--config.log_every=1", "--config.checkpoint_every=1000"]
   config = "configs/demo.py:runlocal,evals=none"
   straight = str(tmp_path / "straight")
   _train(straight, *flags, config=config)
@@ -106,22 +102,22 @@ def test_preempted_run_resumes_to_the_same_losses(tmp_path):
   output, _ = process.communicate(timeout=300)
   assert process.returncode == 0, output[-3000:]
   stopped = _checkpoint_steps(preempted)[-1]
-  assert 3 <= stopped < 30, f"SIGTERM should stop the run early; it saved step {stopped}"
+  assert 3 <= stopped < 20, f"SIGTERM should stop the run early; it saved step {stopped}"
   _train(preempted, *flags, config=config)
 
   expected = {row["step"]: row["loss"] for row in _rows(straight)}
   resumed = {row["step"]: row["loss"] for row in _rows(preempted)}
   assert sorted(resumed) == sorted(expected)  # no step lost, none repeated
-  for step in range(stopped + 1, 31):
+  for step in range(stopped + 1, 21):
     assert resumed[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
 def test_run_killed_between_checkpoints_keeps_one_row_per_step(tmp_path):
-  """SIGKILL after the step-30 checkpoint but before step 60: the rerun redoes steps 31.., and
+  """SIGKILL after the step-15 checkpoint but before the end: the rerun redoes steps 16.., and
   metrics.jsonl, TensorBoard and the loss plot's data all hold each step exactly once."""
   from clipzoo_jax import plots
   from tests import helpers
-  flags = ["--config.total_steps=100", "--config.log_every=1", "--config.checkpoint_every=30"]
+  flags = ["--config.total_steps=50", "--config.log_every=1", "--config.checkpoint_every=15"]
   config = "configs/demo.py:runlocal,evals=none"
   workdir = str(tmp_path / "killed")
   process = subprocess.Popen(_command(workdir, *flags, config=config), env=_env(8), cwd=ROOT,
@@ -129,8 +125,8 @@ def test_run_killed_between_checkpoints_keeps_one_row_per_step(tmp_path):
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and process.poll() is None:
-    if (os.path.isdir(os.path.join(workdir, "checkpoints", "30"))
-        and len(open(metrics).readlines()) >= 40):
+    if (os.path.isdir(os.path.join(workdir, "checkpoints", "15"))
+        and len(open(metrics).readlines()) >= 20):
       break
     time.sleep(0.01)
   workers = _children(process.pid)
@@ -142,15 +138,15 @@ def test_run_killed_between_checkpoints_keeps_one_row_per_step(tmp_path):
     time.sleep(0.1)
   assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "orphaned workers"
   logged = [row["step"] for row in _rows(workdir)]
-  assert 30 in _checkpoint_steps(workdir) and max(logged) < 100, (logged[-1], process.returncode)
-  assert max(logged) > 30  # rows past the checkpoint exist and will be redone
+  assert 15 in _checkpoint_steps(workdir) and max(logged) < 50, (logged[-1], process.returncode)
+  assert max(logged) > 15  # rows past the checkpoint exist and will be redone
 
   _train(workdir, *flags, config=config)
   rows = _rows(workdir)
-  assert [row["step"] for row in rows] == list(range(1, 101))
+  assert [row["step"] for row in rows] == list(range(1, 51))
   helpers.assert_tensorboard_matches_file(workdir)
   steps, values = plots.loss_series(workdir)["loss"]
-  assert steps == list(range(1, 101)) and values == [row["loss"] for row in rows]
+  assert steps == list(range(1, 51)) and values == [row["loss"] for row in rows]
   assert os.path.getsize(os.path.join(workdir, "loss.png")) > 1000
 
 
