@@ -52,7 +52,7 @@ def model_config(variant: str = "B/16", image_size: int = 224, tasks=(),
   cfg.logit_bias_init = ml_collections.FieldReference(None, field_type=float)
   cfg.remat = "none"
   # attention implementation (models/transformer.py resolve_attention): 'auto' picks per platform
-  # (cpu: heads_first, tpu: einsum, gpu + bf16: cudnn); all compute the same function
+  # (gpu + bf16: cudnn; elsewhere heads_first); all compute the same function
   cfg.attention = "auto"
   cfg.image = ml_collections.ConfigDict(dict(
       width=image_width, depth=image_depth, num_heads=image_heads, mlp_dim=4 * image_width,
