@@ -7,6 +7,8 @@
     AdamW; fp32; heads with 150 seg / 80 det classes and 56 px labels.
 (b) the same step of Hugging Face `CLIPModel` (PyTorch, same shape, AdamW), eager and
     `torch.compile`d, in the same run; its share of the peak uses the same FLOP count as ours.
+(bv) with --big_vision DIR (a checkout of google-research/big_vision): its two-tower model and
+    the CLIP softmax loss at the same shape, one jitted optax AdamW step, in the same run.
 (c) memory: per-device memory of the compiled CLIPTeX step on 8 host devices (a subprocess with
     8 forced CPU devices), replicated (mesh data=8) against FSDP (fsdp=8), under each remat
     policy, with gradient accumulation and with the chunked contrastive loss.
@@ -23,6 +25,7 @@ Synthetic batches isolate the step from the input pipeline. Run it alone on the 
 cores shared with anything else give meaningless times.
 
   python benchmarks/train_step.py [--parts speed,torch,memory,gpu] [--steps 12] [--cases ...]
+      [--big_vision DIR]
 
 Writes benchmarks/results/train_step.json (each part's rows; a part rerun replaces its own rows)
 and prints a table per part.
@@ -234,6 +237,65 @@ def measure_torch(mode: str, steps: int, peak: float, flops: float, shape: str =
           "share_of_matmul_peak": flops / 1e9 / median / peak, "torch": torch.__version__}
 
 
+def measure_big_vision(checkout: str, steps: int, peak: float, flops: float) -> dict:
+  """big_vision's two-tower model (google-research/big_vision, imported from the `checkout`
+  directory; nothing of it is copied here) at the reference shape: its ViT (class token pooled,
+  as CLIP) and its text transformer, both width 384, depth 6, 6 heads, MLP 1536; vocab 49408,
+  context 77; projections to 384; the CLIP softmax loss over its learned temperature; optax AdamW;
+  one jitted step, float32. `peak` in GFLOP/s; `flops`: our CLIP step's count (same shape)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(os.path.join(checkout, "big_vision", "models")):
+    raise SystemExit(f"--big_vision {checkout!r}: expected a checkout of "
+                     "google-research/big_vision (a directory holding big_vision/models)")
+  sys.path.insert(0, os.path.abspath(checkout))
+  from big_vision.models.proj.image_text import two_towers  # pylint: disable=import-outside-toplevel,import-error
+  tower = dict(width=384, depth=6, mlp_dim=1536, num_heads=6)
+  model = two_towers.Model(
+      image=dict(tower, patch_size=(16, 16), pool_type="tok", posemb="learn"),
+      text=dict(tower, vocab_size=49408), out_dim=384, temperature_init=1 / 0.07)
+  batch = 32
+  images = jax.random.normal(jax.random.PRNGKey(1), (batch, 224, 224, 3))
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (batch, 77), 1, 49408)
+  params = model.init(jax.random.PRNGKey(0), images[:1], tokens[:1])["params"]
+  tx = optax.adamw(1e-4, weight_decay=0.1)
+
+  def loss_fn(params):
+    zimg, ztxt, out = model.apply({"params": params}, images, tokens)
+    logits = zimg @ ztxt.T * out["t"]
+    labels = jnp.arange(batch)
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()) / 2
+
+  @jax.jit
+  def train_step(params, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  holder = {"state": (params, tx.init(params))}
+  start = time.perf_counter()
+  compiled = train_step.lower(*holder["state"]).compile()
+  compile_s = time.perf_counter() - start
+
+  def step():
+    *holder["state"], loss = compiled(*holder["state"])
+    jax.block_until_ready(loss)
+
+  step()
+  median, fastest = _median_time(step, steps)
+  revision = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip() or None
+  return {"case": "ref_clip", "implementation": "big_vision two towers + softmax loss (jit)",
+          "dtype": "float32", "device": jax.devices()[0].device_kind, "tasks": [],
+          "image_size": 224, "global_batch": batch,
+          "params_millions": sum(x.size for x in jax.tree.leaves(params)) / 1e6,
+          "compile_s": compile_s, "step_s_median": median, "step_s_min": fastest,
+          "examples_per_s": batch / median, "gflop_per_step": flops / 1e9,
+          "share_of_matmul_peak": flops / 1e9 / median / peak, "big_vision_revision": revision}
+
+
 def memory_child(name: str) -> dict:
   """One memory case, in a process with 8 forced host devices."""
   from clipzoo_jax import run as run_lib  # pylint: disable=import-outside-toplevel
@@ -352,13 +414,20 @@ def main():
   parser.add_argument("--gpu_batch", type=int, default=256, help="global batch of part gpu")
   parser.add_argument("--gpu_peak_tflops", type=float, default=989.0,
                       help="the chip's dense bf16 peak, the denominator of MFU (part gpu)")
+  parser.add_argument("--big_vision", metavar="DIR",
+                      help="a checkout of google-research/big_vision: adds part big_vision, its "
+                           "two-tower step at the reference shape")
   parser.add_argument("--memory_child", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.memory_child:
     print(json.dumps(memory_child(args.memory_child)))
     return
   parts = args.parts.split(",")
-  peak = matmul_peak_gflops() if {"speed", "torch"} & set(parts) else None
+  if args.big_vision and "big_vision" not in parts:
+    parts.append("big_vision")
+  if "big_vision" in parts and not args.big_vision:
+    parser.error("part big_vision needs --big_vision DIR (a checkout of google-research/big_vision)")
+  peak = matmul_peak_gflops() if {"speed", "torch", "big_vision"} & set(parts) else None
   clip_flops = None
   if "speed" in parts:
     rows = [measure_jax(name, args.steps, peak) for name in args.cases.split(",")]
@@ -369,6 +438,11 @@ def main():
     clip_flops = clip_flops or unrolled_flops(reference_config([]))
     rows = [measure_torch(mode, args.steps, peak, clip_flops) for mode in ("eager", "torch.compile")]
     save("torch", rows, {"matmul_peak_gflops": peak})
+    print_speed(rows, peak)
+  if "big_vision" in parts:
+    clip_flops = clip_flops or unrolled_flops(reference_config([]))
+    rows = [measure_big_vision(args.big_vision, args.steps, peak, clip_flops)]
+    save("big_vision", rows, {"matmul_peak_gflops": peak})
     print_speed(rows, peak)
   if "gpu" in parts:
     measured = matmul_peak_gflops(8192, dtype="bfloat16") / 1e3
