@@ -17,10 +17,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", autouse=True)
 def _compilation_cache(tmp_path_factory):
-  """Runs of the same config compile the same programs: share XLA's persistent cache."""
+  """Runs of the same config compile the same programs: share XLA's persistent cache. They also
+  share their inputs: the first run writes the toy-world shards and trains the tokenizer in one
+  directory, and every later run of the module finds them complete there (as a user's second
+  run with the same --config.data.directory does) instead of spending seconds on each."""
   os.environ["CLIPZOO_TEST_JAX_CACHE"] = str(tmp_path_factory.mktemp("jax_cache"))
+  os.environ["CLIPZOO_TEST_INPUTS"] = str(tmp_path_factory.mktemp("inputs"))
   yield
   os.environ.pop("CLIPZOO_TEST_JAX_CACHE", None)
+  os.environ.pop("CLIPZOO_TEST_INPUTS", None)
 
 
 def _env(devices: int) -> dict:
@@ -34,8 +39,12 @@ def _env(devices: int) -> dict:
 
 
 def _command(workdir, *flags, config="configs/demo.py:evals=none"):
+  inputs = os.environ.get("CLIPZOO_TEST_INPUTS")
+  shared = [f"--config.data.directory={inputs}/toyworld",
+            f"--config.tokenizer.directory={inputs}/tokenizer"] if inputs else []
   return [sys.executable, os.path.join(ROOT, "tools", "train.py"), f"--config={config}",
-          f"--workdir={workdir}", "--config.data.toyworld.num_examples=512", *flags]
+          f"--workdir={workdir}", "--config.data.toyworld.num_examples=512",
+          "--config.data.toyworld.num_shards=4", *shared, *flags]
 
 
 def _train(workdir, *flags, devices=8, config="configs/demo.py:evals=none"):
@@ -57,26 +66,26 @@ def _checkpoint_steps(workdir):
 def test_demo_loss_falls_and_resumes_on_another_device_count(tmp_path):
   workdir = str(tmp_path / "demo")
   narrow = "--config.model.heads.hidden=16"  # the demo's 64-wide heads are most of its time
-  out = _train(workdir, "--config.total_steps=40", "--config.checkpoint_every=20", narrow,
+  out = _train(workdir, "--config.total_steps=24", "--config.checkpoint_every=12", narrow,
                devices=8)
   assert "ex/s ETA" in out
   assert os.path.getsize(os.path.join(workdir, "loss.png")) > 1000
   rows = _rows(workdir)
-  assert rows[0]["step"] == 1 and rows[-1]["step"] == 40
+  assert rows[0]["step"] == 1 and rows[-1]["step"] == 24
   for key in ("loss", "loss/contrastive", "loss/seg", "loss/depth", "loss/normals", "loss/det",
               "learning_rate", "examples_per_sec"):
     assert key in rows[-1], key
   assert rows[-1]["loss"] < 0.9 * rows[0]["loss"]
-  assert _checkpoint_steps(workdir) == [20, 40]
+  assert _checkpoint_steps(workdir) == [12, 24]
 
   # resumed on 1 device from the 8-device (data=4, fsdp=2) checkpoint: the data position and the
   # state carry over (tests/test_fault_tolerance.py checks the losses equal across 8, 4 and 1)
-  out = _train(workdir, "--config.total_steps=50", "--config.checkpoint_every=10", narrow,
+  out = _train(workdir, "--config.total_steps=30", "--config.checkpoint_every=6", narrow,
                devices=1)
-  assert "step 50/50" in out
+  assert "step 30/30" in out
   new_rows = _rows(workdir)[len(rows):]
-  assert new_rows[0]["step"] == 41 and new_rows[-1]["step"] == 50
-  assert _checkpoint_steps(workdir)[-1] == 50
+  assert new_rows[0]["step"] == 25 and new_rows[-1]["step"] == 30
+  assert _checkpoint_steps(workdir)[-1] == 30
   assert new_rows[-1]["loss"] < 0.9 * rows[0]["loss"]
 
 
