@@ -3,6 +3,7 @@ and run against transformers; OpenAI (TorchScript) and open_clip state dicts bui
 independent name mapping; bit-exact round trips; tampered files; position-embedding resizing
 against torch.nn.functional.interpolate and HF's own interpolate_pos_encoding."""
 
+import json
 import os
 import re
 
@@ -427,3 +428,31 @@ def test_variant_shapes_match_published_clip_and_our_model(variant):
       expected = {re.sub(r"block_\d+/", "blocks/", k):
                   (depths[k[:3]],) + s if "/block_" in k else s for k, s in expected.items()}
     assert flat == expected
+
+
+@pytest.mark.parametrize("open_clip_file", ["open_clip.safetensors", "open_clip.pt"])
+def test_a_siglip_trained_models_logit_bias_survives_export_and_import(open_clip_file, tmp_path):
+  """CLIPModel has no logit_bias: the export keeps it in config.json (transformers reads it back
+  as config.logit_bias) and in the open_clip state dict and config; importing either gives a
+  config with that bias and the bias itself, while a model without one (softmax CLIP) takes the
+  same files' towers and leaves the bias out."""
+  cfg = our_config("gelu", logit_bias_init=-10.0)
+  params = _random_params(cfg)
+  params["logit_bias"] = np.float32(-7.25)  # trained away from its init
+  folder, open_clip_path = str(tmp_path / "hf"), str(tmp_path / open_clip_file)
+  convert.export_pretrained(params, cfg, folder, image_mean=(0.5,) * 3, image_std=(0.2,) * 3,
+                            open_clip_path=open_clip_path)
+  assert transformers.CLIPConfig.from_pretrained(folder).logit_bias == -7.25
+  with open(os.path.join(str(tmp_path), "open_clip_config.json")) as f:
+    assert json.load(f)["model_cfg"]["init_logit_bias"] == -7.25
+  for source in (folder, open_clip_path):
+    found_cfg = convert.model_config_from_source(source)
+    assert found_cfg.logit_bias_init == -7.25, source
+    loaded = convert.load_pretrained(source, cfg)
+    assert float(loaded["logit_bias"]) == -7.25, source
+    assert_trees_equal({k: v for k, v in loaded.items() if k != "logit_bias"},
+                       {k: v for k, v in params.items() if k != "logit_bias"})
+    softmax_cfg = our_config("gelu")
+    assert "logit_bias" not in convert.load_pretrained(source, softmax_cfg), source
+  model = transformers.CLIPModel.from_pretrained(folder)  # no unexpected or missing weights
+  assert float(model.logit_scale.detach()) == pytest.approx(float(params["logit_scale"]))

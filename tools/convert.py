@@ -48,7 +48,12 @@ def export(args) -> dict:
       params, _fp32(config.model), args.out, image_mean=normalization.CLIP_MEAN,
       image_std=normalization.CLIP_STD, tokenizer_dir=_tokenizer_dir(args.workdir, config),
       open_clip_path=args.open_clip)
-  return {"out": args.out, "files": files, "open_clip": args.open_clip}
+  report = {"out": args.out, "files": files, "open_clip": args.open_clip}
+  if "logit_bias" in params:  # SigLIP-trained: CLIPModel has no bias, config.json keeps it
+    report["logit_bias"] = float(params["logit_bias"])
+    report["note"] = ("config.json holds logit_bias: CLIPModel's logits_per_image leave it out; "
+                      "SigLIP's sigmoid logits are logits_per_image + config.logit_bias")
+  return report
 
 
 def import_(args) -> dict:

@@ -98,11 +98,15 @@ def export_pretrained(params: Mapping, model_config, out_dir: str, image_mean: S
                       host: Callable = host_array) -> list[str]:
   """An HF CLIPModel folder (towers, config, tokenizer, preprocessor) plus, when the model has
   heads, `heads.safetensors`, `heads_config.json` and `torch_heads.py`; optionally an open_clip
-  state dict. Leaves are fetched one at a time through `host`."""
+  state dict. Leaves are fetched one at a time through `host`. A SigLIP-trained model's
+  `logit_bias` is kept: in config.json (CLIPModel has no such weight) and in the open_clip state
+  dict."""
   towers = {k: params[k] for k in ("img", "txt", "logit_scale")}
+  bias = float(host(params["logit_bias"])) if "logit_bias" in params else None
   if open_clip_path:  # refuse what open_clip cannot express before writing anything
     open_clip.model_config_json(model_config)
-  hf.export(towers, model_config, out_dir, image_mean, image_std, tokenizer_dir, host)
+  hf.export(towers, model_config, out_dir, image_mean, image_std, tokenizer_dir, host,
+            logit_bias=bias)
   if model_config.heads.tasks:
     from clipzoo_jax.convert import torch_heads  # pylint: disable=import-outside-toplevel
     if "heads" not in params:
@@ -114,7 +118,8 @@ def export_pretrained(params: Mapping, model_config, out_dir: str, image_mean: S
     torch_heads.save_heads(heads, heads_config(model_config), out_dir)
     shutil.copyfile(torch_heads.__file__, os.path.join(out_dir, "torch_heads.py"))
   if open_clip_path:
-    open_clip.export(towers, model_config, open_clip_path, host, image_mean, image_std)
+    open_clip.export(towers, model_config, open_clip_path, host, image_mean, image_std,
+                     logit_bias=bias)
   return sorted(os.listdir(out_dir))
 
 

@@ -120,6 +120,9 @@ def model_config_from_hf(folder: str, tasks: Sequence[str] = (),
   for field, value in fields.items():
     section, _, key = field.rpartition(".")
     (cfg[section] if section else cfg)[key] = value
+  bias = logit_bias(folder)
+  if bias is not None and "logit_bias_init" not in overrides:
+    cfg.logit_bias_init = bias  # trained with SigLIP's loss: the model has the bias
   return cfg
 
 
@@ -133,10 +136,15 @@ def weights_source(folder: str) -> tensor_files.TensorSource:
 
 
 def load(folder: str, model_config) -> dict:
-  """Our tower params from an HF CLIPModel folder, checked against `model_config`."""
+  """Our tower params from an HF CLIPModel folder, checked against `model_config`; with
+  `logit_bias` too when the model has one (model.logit_bias_init set) and config.json states it."""
   found = found_fields(read_config(folder), folder)
-  return layout.from_torch(weights_source(folder), model_config, "hf", "a Hugging Face CLIPModel",
-                           found, IGNORED)
+  params = layout.from_torch(weights_source(folder), model_config, "hf",
+                             "a Hugging Face CLIPModel", found, IGNORED)
+  bias = logit_bias(folder)
+  if bias is not None and model_config.get("logit_bias_init") is not None:
+    params["logit_bias"] = np.float32(bias)
+  return params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,8 +152,10 @@ def load(folder: str, model_config) -> dict:
 
 
 def hf_config(model_config, logit_scale: float, bos_token_id: int | None = None,
-              pad_token_id: int | None = None):
-  """The `transformers.CLIPConfig` of our towers; text pooling set to pool where ours does."""
+              pad_token_id: int | None = None, logit_bias: float | None = None):
+  """The `transformers.CLIPConfig` of our towers; text pooling set to pool where ours does.
+  `logit_bias` (a SigLIP-trained model's learned bias) is kept as the config's `logit_bias`:
+  CLIPModel has no such parameter, and its logits_per_image leave it out."""
   import transformers  # pylint: disable=import-outside-toplevel
   img, txt, embed = model_config.image, model_config.text, model_config.embed_dim
   eos = txt.get("eos_token_id")
@@ -174,7 +184,20 @@ def hf_config(model_config, logit_scale: float, bos_token_id: int | None = None,
   config = transformers.CLIPConfig(text_config=text_config, vision_config=vision_config,
                                    projection_dim=embed, logit_scale_init_value=float(logit_scale))
   config.architectures = ["CLIPModel"]
+  if logit_bias is not None:
+    config.logit_bias = float(logit_bias)
   return config
+
+
+def logit_bias(folder: str) -> float | None:
+  """The `logit_bias` an export of a SigLIP-trained model wrote into config.json, if any."""
+  value = getattr(read_config(folder), "logit_bias", None)
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise layout.ConversionError(f"{os.path.join(folder, 'config.json')}: logit_bias expected a "
+                                 f"number, found {value!r}")
+  return float(value)
 
 
 def preprocessor_config(image_size: int, image_mean: Sequence[float],
@@ -214,9 +237,10 @@ def copy_tokenizer(tokenizer_dir: str, out_dir: str, context_length: int) -> dic
 
 def export(params: Mapping, model_config, out_dir: str, image_mean: Sequence[float],
            image_std: Sequence[float], tokenizer_dir: str | None = None,
-           host: Callable = np.asarray) -> list[str]:
+           host: Callable = np.asarray, logit_bias: float | None = None) -> list[str]:
   """Writes config.json, model.safetensors (streamed leaf by leaf), preprocessor_config.json and,
-  with `tokenizer_dir`, the tokenizer files. `params` holds `img`, `txt`, `logit_scale`."""
+  with `tokenizer_dir`, the tokenizer files. `params` holds `img`, `txt`, `logit_scale`;
+  `logit_bias` goes into config.json (`hf_config`)."""
   if tokenizer_dir:  # what HF users will tokenize with must end text where the model pools
     tokenizer = text_pooling.read_tokenizer_ids(tokenizer_dir)
     text_pooling.check_eos(model_config.text.get("eos_token_id"), model_config.text.vocab_size,
@@ -225,7 +249,7 @@ def export(params: Mapping, model_config, out_dir: str, image_mean: Sequence[flo
   special = (copy_tokenizer(tokenizer_dir, out_dir, model_config.text.context_length)
              if tokenizer_dir else {})
   logit_scale = float(host(params["logit_scale"]))
-  hf_config(model_config, logit_scale, **special).save_pretrained(out_dir)
+  hf_config(model_config, logit_scale, logit_bias=logit_bias, **special).save_pretrained(out_dir)
   with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
     json.dump(preprocessor_config(model_config.image.image_size, image_mean, image_std), f,
               indent=2)

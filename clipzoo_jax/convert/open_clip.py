@@ -97,21 +97,28 @@ def model_config_json(model_config, image_mean: Sequence[float] | None = None,
 
 def export(params: Mapping, model_config, path: str, host: Callable = np.asarray,
            image_mean: Sequence[float] | None = None,
-           image_std: Sequence[float] | None = None) -> str:
+           image_std: Sequence[float] | None = None, logit_bias: float | None = None) -> str:
   """Writes our towers (`img`, `txt`, `logit_scale`) as an open_clip state dict, the format
   following the extension (`.safetensors`, else a torch.save pickle), and `open_clip_config.json`
-  beside it. Refuses (before writing) what open_clip cannot express."""
+  beside it. Refuses (before writing) what open_clip cannot express. `logit_bias` (SigLIP's
+  learned bias) becomes open_clip's `logit_bias` tensor and `init_logit_bias`."""
   config = model_config_json(model_config, image_mean, image_std)
+  bias = {} if logit_bias is None else {"logit_bias": np.asarray(logit_bias, np.float32)}
+  if bias:
+    config["model_cfg"]["init_logit_bias"] = float(logit_bias)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   if path.endswith(".safetensors"):
     shapes = layout.torch_shapes(layout.plan(model_config, "openai"))
+    shapes.update({name: value.shape for name, value in bias.items()})
     with tensor_files.SafetensorsWriter(path, shapes, {"format": "pt"}) as writer:
       layout.to_torch(params, model_config, "openai", writer.write, host)
+      for name, value in bias.items():
+        writer.write(name, value)
   else:
     import torch  # pylint: disable=import-outside-toplevel
     params = layout.unflatten({k: host(v) for k, v in layout.flatten(params).items()})
-    arrays = layout.to_torch_arrays(params, model_config, "openai")
+    arrays = {**layout.to_torch_arrays(params, model_config, "openai"), **bias}
     torch.save({name: torch.from_numpy(value) for name, value in arrays.items()}, path)
   with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)

@@ -11,13 +11,17 @@ import math
 import re
 
 import ml_collections
+import numpy as np
 
 from clipzoo_jax.convert import layout
 from clipzoo_jax.convert import tensor_files
 from clipzoo_jax.models import variants
 
 # Non-weight entries OpenAI's archives carry (its build_model deletes them) and attention masks.
-IGNORED = re.compile(r"(^|\.)attn_mask$|^(input_resolution|context_length|vocab_size)$")
+# `logit_bias` (open_clip's SigLIP-style models, our exports of SigLIP-trained ones) is not a tower
+# weight: `load` reads it apart.
+IGNORED = re.compile(
+    r"(^|\.)attn_mask$|^(input_resolution|context_length|vocab_size|logit_bias)$")
 HF_PREFIXES = ("vision_model.", "text_model.")
 OPENAI_HEAD_WIDTH = 64  # OpenAI's build_model: heads = width // 64
 
@@ -66,7 +70,14 @@ def load(path: str, model_config, source: tensor_files.TensorSource | None = Non
   if any(n.startswith(HF_PREFIXES) for n in source.names()):
     raise layout.ConversionError(f"{path}: holds Hugging Face CLIPModel names (vision_model.*); "
                                  "pass the folder with its config.json instead")
-  return layout.from_torch(source, model_config, "openai", fmt, found_fields(source), IGNORED)
+  params = layout.from_torch(source, model_config, "openai", fmt, found_fields(source), IGNORED)
+  if "logit_bias" in source.names() and model_config.get("logit_bias_init") is not None:
+    bias = source.get("logit_bias")
+    if bias.size != 1:
+      raise layout.ConversionError(f"{path}: logit_bias expected one value, found shape "
+                                   f"{tuple(bias.shape)}")
+    params["logit_bias"] = np.float32(bias.reshape(()))
+  return params
 
 
 def model_config_from_state_dict(source: tensor_files.TensorSource, tasks=(),
@@ -80,4 +91,6 @@ def model_config_from_state_dict(source: tensor_files.TensorSource, tasks=(),
     (cfg[section] if section else cfg)[key] = value
   for tower in (cfg.image, cfg.text):
     tower.num_heads = max(tower.width // OPENAI_HEAD_WIDTH, 1)
+  if "logit_bias" in source.names() and "logit_bias_init" not in overrides:
+    cfg.logit_bias_init = float(np.asarray(source.get("logit_bias")).reshape(-1)[0])
   return cfg
