@@ -25,26 +25,11 @@ from tests import helpers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-_JAX_CACHE = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """The training runs below compile the same program (bucket or local disk): XLA's persistent
-  cache compiles it once."""
-  _JAX_CACHE["dir"] = str(tmp_path_factory.mktemp("jax_cache"))
-  yield
-  _JAX_CACHE.clear()
-
-
 def _env():
-  """The training tool's environment: 8 CPU devices, the emulator's address (inherited) and
-  the module's XLA cache."""
+  """The training tool's environment: 8 CPU devices, and the emulator's address (inherited)."""
   env = dict(os.environ)
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="2")
-  if "dir" in _JAX_CACHE:
-    env["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE["dir"]
   return env
 
 
