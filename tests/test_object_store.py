@@ -21,6 +21,7 @@ from clipzoo_jax import checkpoint, cli, metrics, storage, train
 from clipzoo_jax.data import pipelines, random_access, shards, toyworld
 from clipzoo_jax.data.tokenizer import WordHashTokenizer
 from tests import helpers
+from tests.test_train_e2e import RESUME_CONFIG
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -246,7 +247,7 @@ def test_the_training_tool_refuses_a_missing_bucket_in_one_line(gcs_emulator, tm
 
 def _command(workdir, *flags):
   return [sys.executable, os.path.join(ROOT, "tools", "train.py"),
-          "--config=configs/demo.py:runlocal,evals=none", f"--workdir={workdir}",
+          f"--config={RESUME_CONFIG}", f"--workdir={workdir}",
           "--config.data.toyworld.num_examples=128", "--config.total_steps=20",
           "--config.log_every=1", "--config.checkpoint_every=1000", *flags]
 
