@@ -25,7 +25,11 @@ Synthetic batches isolate the step from the input pipeline. Run it alone on the 
 cores shared with anything else give meaningless times.
 
   python benchmarks/train_step.py [--parts speed,torch,memory,gpu] [--steps 12] [--cases ...]
-      [--big_vision DIR]
+      [--big_vision DIR] [--profile DIR] [--gpu_batch 256] [--torch_modes eager,torch.compile]
+
+Part gpu also times each step pipelined (steps dispatched back to back, synchronized once, as the
+train loop runs them). --profile DIR traces 3 more steps of each of our rows and records where
+their device time went (benchmarks/step_profile.py).
 
 Writes benchmarks/results/train_step.json (each part's rows; a part rerun replaces its own rows)
 and prints a table per part.
@@ -43,6 +47,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "train_step.json")
 RESULTS_GPU = os.environ.get("CLIPZOO_GPU_RESULTS") or os.path.join(
@@ -103,6 +108,18 @@ def gpu_config(name: str, batch: int):
   return config
 
 
+def _pipelined_time(step, sync, steps: int) -> float:
+  """Seconds per step of `steps` steps dispatched back to back and synchronized once, as the
+  train loop runs them (it reads each step's metrics one step behind)."""
+  step()
+  sync()
+  start = time.perf_counter()
+  for _ in range(steps):
+    step()
+  sync()
+  return (time.perf_counter() - start) / steps
+
+
 def _median_time(fn, steps: int) -> tuple[float, float]:
   import numpy as np  # pylint: disable=import-outside-toplevel
   times = []
@@ -136,8 +153,11 @@ def unrolled_flops(config) -> float:
   return float(run.train_step.lower(run.abstract_state, run.abstract_batch).cost_analysis()["flops"])
 
 
-def measure_jax(name: str, steps: int, peak: float, config=None) -> dict:
-  """`peak` in GFLOP/s; `config` defaults to the CPU case of that name."""
+def measure_jax(name: str, steps: int, peak: float, config=None, profile_dir=None,
+                pipeline: bool = False) -> dict:
+  """`peak` in GFLOP/s; `config` defaults to the CPU case of that name. With `profile_dir`, the
+  row gets `profile`: where 3 more steps spent their device time (benchmarks/step_profile.py),
+  their trace and HLO under profile_dir/name."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from clipzoo_jax import run as run_lib  # pylint: disable=import-outside-toplevel
@@ -145,20 +165,31 @@ def measure_jax(name: str, steps: int, peak: float, config=None) -> dict:
   config = config or case_config(name)
   run = run_lib.setup(config)
   start = time.perf_counter()
-  run.compile()
+  compiled = run.compile()  # stepped directly: calling run.train_step would compile it again
   compile_s = time.perf_counter() - start
   flops = unrolled_flops(config)
   state = run.init_state()
   batch = run.global_batch(run.synthetic_batch())
-  state, metrics = run.train_step(state, batch)
+  state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   holder = {"state": state}
 
   def step():
-    holder["state"], out = run.train_step(holder["state"], batch)
+    holder["state"], out = compiled(holder["state"], batch)
     jax.block_until_ready(out)
 
   median, fastest = _median_time(step, steps)
+  pipelined = None
+  if pipeline:
+    def dispatch():
+      holder["state"], holder["metrics"] = compiled(holder["state"], batch)
+    pipelined = _pipelined_time(dispatch, lambda: jax.block_until_ready(holder["metrics"]), steps)
+  profile = None
+  if profile_dir:
+    import step_profile  # pylint: disable=import-outside-toplevel
+    holder["state"], profile = step_profile.profile_step(
+        compiled, holder["state"], batch, os.path.join(profile_dir, name))
+    step_profile.print_summary(profile)
   params = sum(x.size for x in jax.tree.leaves(run.abstract_state["params"]))
   image = config.model.image
   attention = tfm.resolve_attention(config.model.get("attention", "auto"), jax.default_backend(),
@@ -169,7 +200,15 @@ def measure_jax(name: str, steps: int, peak: float, config=None) -> dict:
           "global_batch": config.global_batch_size, "params_millions": params / 1e6,
           "compile_s": compile_s, "step_s_median": median, "step_s_min": fastest,
           "examples_per_s": config.global_batch_size / median, "gflop_per_step": flops / 1e9,
-          "share_of_matmul_peak": flops / 1e9 / median / peak}
+          "share_of_matmul_peak": flops / 1e9 / median / peak,
+          **(_pipelined_fields(pipelined, flops, peak)),
+          **({"profile": profile} if profile else {})}
+
+
+def _pipelined_fields(seconds, flops: float, peak: float) -> dict:
+  if seconds is None:
+    return {}
+  return {"step_s_pipelined": seconds, "share_of_matmul_peak_pipelined": flops / 1e9 / seconds / peak}
 
 
 def hf_clip_model(shape: str = "ref"):
@@ -191,7 +230,7 @@ def hf_clip_model(shape: str = "ref"):
 
 
 def measure_torch(mode: str, steps: int, peak: float, flops: float, shape: str = "ref",
-                  batch: int = 32) -> dict:
+                  batch: int = 32, pipeline: bool = False) -> dict:
   """One AdamW step of HF CLIPModel with its contrastive loss, eager or torch.compile'd: float32
   on the CPU; on a GPU float32 parameters under bfloat16 autocast with SDPA attention (the mixed
   precision of our bfloat16 step). `peak` in GFLOP/s."""
@@ -211,20 +250,25 @@ def measure_torch(mode: str, steps: int, peak: float, flops: float, shape: str =
   autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (
       contextlib.nullcontext)
 
-  def step():
+  def dispatch():
     with autocast():
       loss = forward(input_ids=tokens, pixel_values=pixels, return_loss=True).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if cuda:
-      torch.cuda.synchronize()
+
+  sync = torch.cuda.synchronize if cuda else lambda: None
+
+  def step():
+    dispatch()
+    sync()
 
   start = time.perf_counter()
   step()  # eager: warm-up; compile: traces and compiles
   step()
   compile_s = time.perf_counter() - start
   median, fastest = _median_time(step, steps)
+  pipelined = _pipelined_time(dispatch, sync, steps) if pipeline else None
   params = sum(p.numel() for p in model.parameters())
   return {"case": "ref_clip" if shape == "ref" else "b16_clip",
           "implementation": f"Hugging Face CLIPModel, {mode}",
@@ -234,7 +278,8 @@ def measure_torch(mode: str, steps: int, peak: float, flops: float, shape: str =
           "tasks": [], "image_size": 224, "global_batch": batch, "params_millions": params / 1e6,
           "compile_s": compile_s, "step_s_median": median, "step_s_min": fastest,
           "examples_per_s": batch / median, "gflop_per_step": flops / 1e9,
-          "share_of_matmul_peak": flops / 1e9 / median / peak, "torch": torch.__version__}
+          "share_of_matmul_peak": flops / 1e9 / median / peak,
+          **_pipelined_fields(pipelined, flops, peak), "torch": torch.__version__}
 
 
 def measure_big_vision(checkout: str, steps: int, peak: float, flops: float) -> dict:
@@ -361,14 +406,15 @@ def measure_gpu(args, save_rows) -> list:
     return flops["b16_clip"]
 
   def ours(name):
-    row = measure_jax(name, args.steps, peak, gpu_config(name, args.gpu_batch))
+    row = measure_jax(name, args.steps, peak, gpu_config(name, args.gpu_batch), args.profile,
+                      pipeline=True)
     flops[name] = row["gflop_per_step"] * 1e9
     return row
 
   jobs = [(name, functools.partial(ours, name)) for name in args.gpu_cases.split(",")]
-  for i, mode in enumerate(("eager", "torch.compile")):
+  for i, mode in enumerate(m for m in args.torch_modes.split(",") if m):
     torch_job = (f"Hugging Face CLIPModel, {mode}", lambda mode=mode: measure_torch(
-        mode, args.steps, peak, clip_flops(), "b16", args.gpu_batch))
+        mode, args.steps, peak, clip_flops(), "b16", args.gpu_batch, pipeline=True))
     jobs.insert(min(2 * i + 1, len(jobs)), torch_job)
   for name, job in jobs:
     try:
@@ -414,6 +460,11 @@ def main():
   parser.add_argument("--gpu_batch", type=int, default=256, help="global batch of part gpu")
   parser.add_argument("--gpu_peak_tflops", type=float, default=989.0,
                       help="the chip's dense bf16 peak, the denominator of MFU (part gpu)")
+  parser.add_argument("--torch_modes", default="eager,torch.compile",
+                      help="the PyTorch rows of part gpu (empty: none)")
+  parser.add_argument("--profile", metavar="DIR",
+                      help="also trace 3 steps of each of our rows into DIR/<case> and record "
+                           "where their device time went (benchmarks/step_profile.py)")
   parser.add_argument("--big_vision", metavar="DIR",
                       help="a checkout of google-research/big_vision: adds part big_vision, its "
                            "two-tower step at the reference shape")
@@ -430,7 +481,8 @@ def main():
   peak = matmul_peak_gflops() if {"speed", "torch", "big_vision"} & set(parts) else None
   clip_flops = None
   if "speed" in parts:
-    rows = [measure_jax(name, args.steps, peak) for name in args.cases.split(",")]
+    rows = [measure_jax(name, args.steps, peak, profile_dir=args.profile)
+            for name in args.cases.split(",")]
     save("speed", rows, {"matmul_peak_gflops": peak})
     print_speed(rows, peak)
     clip_flops = next((r["gflop_per_step"] * 1e9 for r in rows if r["case"] == "ref_clip"), None)

@@ -151,5 +151,6 @@ def total_loss(outputs: Mapping, batch: Mapping, tasks, weights: Mapping[str, fl
   contrastive kind and chunk, task options such as `depth`).
   """
   check_weights(tasks, weights)
-  return combine(contrastive(outputs, loss_config), task_terms(outputs, batch, tasks, loss_config),
-                 weights)
+  with jax.named_scope("loss"):  # names its ops in profiles (benchmarks/step_profile.py)
+    return combine(contrastive(outputs, loss_config),
+                   task_terms(outputs, batch, tasks, loss_config), weights)

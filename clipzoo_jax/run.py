@@ -300,14 +300,16 @@ class TrainStep:
           apply_fn, state["params"], batch, tasks, weights, loss_config, accum_steps,
           lambda x: jax.lax.with_sharding_constraint(x, micro_sharding),
           unroll=bool(config.get("grad_accum_unroll", False)))
-      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-      params = optax.apply_updates(state["params"], updates)
-      metrics["grad_norm"] = optax.tree.norm(grads)
-      # A non-finite loss, gradient or result is never applied: the state stays finite, so no
-      # checkpoint can hold NaNs; the loop skips the step or stops, as config.nonfinite says.
-      finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & all_finite(params)
-      params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                       (params, opt_state), (state["params"], state["opt_state"]))
+      with jax.named_scope("optimizer"):  # names its ops in profiles
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        # A non-finite loss, gradient or result is never applied: the state stays finite, so no
+        # checkpoint can hold NaNs; the loop skips the step or stops, as config.nonfinite says.
+        finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+                  & all_finite(params))
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state["params"], state["opt_state"]))
       metrics["train/skipped_nonfinite"] = 1.0 - finite.astype(jnp.float32)
       metrics["learning_rate"] = schedule(state["step"])
       metrics["temperature"] = jnp.exp(jnp.minimum(params["logit_scale"],
