@@ -210,3 +210,32 @@ def test_the_aot_platform_not_the_host_decides_auto_attention():
   assert "cudnn" not in lowered("cpu")
   with pytest.raises(RuntimeError, match="cuDNN"):  # this host has none: the GPU path was taken
     lowered("gpu")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_norm_with_its_written_backward_equals_the_plain_formula(dtype):
+  """transformer.layer_norm's hand-written backward pass against JAX's derivative of the plain
+  float32 formula: input, scale and bias gradients, for a (B, L, D) and a (B, g, g, D) input (the
+  heads normalize a patch grid), in float32 and with bfloat16 activations."""
+  from clipzoo_jax.models import transformer as tfm
+  rng = np.random.default_rng(3)
+
+  def plain(x, scale, bias):
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
+
+  for shape in [(3, 5, 24), (2, 3, 3, 16)]:
+    x = jnp.asarray(rng.normal(2.0, 3.0, size=shape), dtype)
+    scale = jnp.asarray(rng.normal(1.0, 0.5, size=shape[-1:]), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=shape[-1:]), jnp.float32)
+    ours = lambda x, s, b: tfm.layer_norm(x, s, b, 1e-5)
+    tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(ours(x, scale, bias), plain(x, scale, bias), rtol=1e-5, atol=1e-5)
+    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)) * jnp.arange(shape[-1]))
+    got = jax.grad(loss(ours), (0, 1, 2))(x, scale, bias)
+    want = jax.grad(loss(plain), (0, 1, 2))(x, scale, bias)
+    assert got[0].dtype == x.dtype
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tolerance)
