@@ -83,3 +83,35 @@ def test_pointwise_conv_is_flax_conv_with_the_same_parameters():
   assert jax.tree.map(jnp.shape, params) == {"kernel": (1, 1, 8, 7), "bias": (7,)}
   np.testing.assert_allclose(params["bias"], 0.5)
   np.testing.assert_allclose(ours.apply({"params": params}, x), theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_heads_stems_computed_at_once_equal_each_heads_layer_norm_and_conv(dtype):
+  """All heads' first LayerNorm + 3x3 conv run as one convolution (their LayerNorm scales folded
+  into the kernels, their biases into a border-aware map). Against each head's own LayerNorm and
+  zero-padded conv in float32, with random scales and biases, values and gradients (bfloat16:
+  to bfloat16's precision, as the separate convolutions in bfloat16 are)."""
+  rng = np.random.default_rng(0)
+  width, hidden, heads = 12, 4, 3
+  grid = jnp.asarray(rng.normal(1.0, 2.0, size=(2, 5, 5, width)), jnp.float32)
+  params = [tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
+                  [(width,), (width,), (3, 3, width, hidden), (hidden,)]) for _ in range(heads)]
+
+  def separate(grid, params):
+    mean = grid.mean(-1, keepdims=True)
+    x = (grid - mean) / jnp.sqrt(jnp.square(grid - mean).mean(-1, keepdims=True) + 1e-5)
+    return [jax.lax.conv_general_dilated(x * s + b, k, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + c
+            for s, b, k, c in params]
+
+  ours = lambda grid, params: heads_lib.stems(grid.astype(dtype), params, dtype)
+  error = lambda got, want: float(np.max(np.abs(np.asarray(got, np.float32) - want))
+                                  / np.max(np.abs(want)))
+  bound = 1e-5 if dtype == jnp.float32 else 0.02
+  for got, want in zip(ours(grid, params), separate(grid, params)):
+    assert got.dtype == dtype and error(got, want) <= bound
+  loss = lambda fn: lambda *a: sum(jnp.sum(jnp.sin(y.astype(jnp.float32))) for y in fn(*a))
+  got = jax.grad(loss(ours), (0, 1))(grid, params)
+  want = jax.grad(loss(separate), (0, 1))(grid, params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert error(a, b) <= (1e-4 if dtype == jnp.float32 else 0.25)
