@@ -64,8 +64,14 @@ def focal_heatmap_loss(logits, target, alpha: float = 2.0, beta: float = 4.0):
   # -log(p) (1-p)^alpha at the peaks, -log(1-p) p^alpha (1-target)^beta elsewhere, with one log
   # per pixel: the probability of the pixel's own label is picked first
   picked = jnp.where(positive, prob, 1 - prob)
-  weight = jnp.where(positive, 1.0, (1 - target) ** beta) * (1 - picked) ** alpha
+  weight = jnp.where(positive, 1.0, _power(1 - target, beta)) * _power(1 - picked, alpha)
   return -jnp.sum(jnp.log(picked) * weight)
+
+
+def _power(x, exponent: float):
+  """x ** exponent as repeated products when the exponent is a whole number (CenterNet's 2 and
+  4): a float exponent makes XLA compute exp(exponent * log(x)), two transcendental passes."""
+  return x ** int(exponent) if float(exponent).is_integer() else x ** exponent
 
 
 def det_loss(heatmap_logits, size_pred, offset_pred, boxes, classes, example_mask,
