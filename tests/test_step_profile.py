@@ -2,7 +2,10 @@
 step's parts through the compiled HLO's source names."""
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +77,13 @@ def test_a_traced_step_is_attributed_to_its_parts_and_directions(tmp_path):
   assert by_part["img"] > 0.5 * total, by_part
   assert set(summary["ms_per_step_by_direction"]) == {"forward", "backward"}
   assert summary["ms_per_step_by_kind"]["matmul"] > 0
-  assert os.path.exists(tmp_path / "train_step.hlo.txt.gz")
+  # the saved trace summarized again by the command the README gives
+  result = subprocess.run(
+      [sys.executable, "benchmarks/step_profile.py", str(tmp_path),
+       str(tmp_path / "train_step.hlo.txt.gz"), "--steps", "2"],
+      cwd=ROOT, capture_output=True, text=True, check=True)
+  assert "by part: img" in result.stdout
+  assert json.loads(result.stdout.splitlines()[-1]) == summary
 
 
 def test_an_op_without_source_names_takes_its_producers_part_and_backward_direction():
