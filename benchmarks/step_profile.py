@@ -13,7 +13,8 @@ to and in which direction:
 
   python benchmarks/step_profile.py TRACE_DIR HLO_FILE [--steps N]   # summarize a saved trace
 
-`profile_step` does both halves for a compiled step (`Run.compile()`); benchmarks/train_step.py --profile DIR calls it.
+`profile_step` does both halves for a compiled step (`Run.compile()`); `benchmarks/train_step.py
+--profile DIR` calls it for each of its rows.
 """
 
 from __future__ import annotations

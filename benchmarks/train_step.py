@@ -208,7 +208,8 @@ def measure_jax(name: str, steps: int, peak: float, config=None, profile_dir=Non
 def _pipelined_fields(seconds, flops: float, peak: float) -> dict:
   if seconds is None:
     return {}
-  return {"step_s_pipelined": seconds, "share_of_matmul_peak_pipelined": flops / 1e9 / seconds / peak}
+  return {"step_s_pipelined": seconds,
+          "share_of_matmul_peak_pipelined": flops / 1e9 / seconds / peak}
 
 
 def hf_clip_model(shape: str = "ref"):

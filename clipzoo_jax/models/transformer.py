@@ -99,7 +99,8 @@ def _layer_norm_backward(epsilon, residuals, grad):
   g_scaled = g * scale
   dx = rstd * (g_scaled - g_scaled.mean(-1, keepdims=True)
                - xhat * (g_scaled * xhat).mean(-1, keepdims=True))
-  return dx.astype(x.dtype), (g * xhat).sum(rows).astype(scale.dtype), g.sum(rows).astype(scale.dtype)
+  return (dx.astype(x.dtype), (g * xhat).sum(rows).astype(scale.dtype),
+          g.sum(rows).astype(scale.dtype))
 
 
 layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
