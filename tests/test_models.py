@@ -239,3 +239,25 @@ def test_layer_norm_with_its_written_backward_equals_the_plain_formula(dtype):
     assert got[0].dtype == x.dtype
     for a, b in zip(got, want):
       np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tolerance)
+
+
+@pytest.mark.parametrize("size,patch", [(32, 8), (30, 8), (28, 14)])
+def test_patch_embedding_matmul_equals_the_strided_convolution(size, patch):
+  """The patch embedding computed as one matmul is nn.Conv's p x p stride-p VALID convolution
+  (the parameter it replaces, same name and shape): outputs and the kernel's gradient, also when
+  the image is not a multiple of the patch (the remainder is dropped, as VALID does)."""
+  from clipzoo_jax.models import vit
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(3, size, size, 3)), jnp.float32)
+  ours = vit.PatchEmbedding(16, patch)
+  conv = nn.Conv(16, (patch, patch), strides=(patch, patch), use_bias=False, padding="VALID")
+  params = ours.init(jax.random.PRNGKey(0), images)
+  assert jax.tree.map(jnp.shape, nn.unbox(params)) == jax.tree.map(
+      jnp.shape, conv.init(jax.random.PRNGKey(0), images))
+  params = nn.unbox(params)
+  loss = lambda module, p: jnp.sum(jnp.sin(module.apply(p, images)))
+  np.testing.assert_allclose(ours.apply(params, images), conv.apply(params, images),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.grad(lambda p: loss(ours, p))(params)["params"]["kernel"],
+                             jax.grad(lambda p: loss(conv, p))(params)["params"]["kernel"],
+                             rtol=1e-4, atol=1e-4)
