@@ -40,15 +40,31 @@ def relative_error(found, expected):
   return float(np.max(np.abs(found - expected)) / np.max(np.abs(expected)))
 
 
-@pytest.mark.parametrize("upsample", [2, 4])
-def test_torch_heads_match_jax_heads(upsample):
+@pytest.mark.parametrize("upsample,final_upsample",
+                         [(2, "auto"), (4, "auto"), (2, "bilinear"), (4, "conv"), (4, None)])
+def test_torch_heads_match_jax_heads(upsample, final_upsample):
+  """Every placement of the heads' last conv ("auto": seg and the det heatmap at the label size,
+  the others a stage earlier); None: a config and an export from before the option existed
+  (no key), which both sides read as "conv"."""
   model_config = variants.model_config("mu/4", image_size=12, tasks=TASKS, num_seg_classes=5,
                                        num_det_classes=3)
   model_config.image.width, model_config.heads.hidden = 16, 8
   model_config.heads.upsample = upsample
+  if final_upsample is None:
+    del model_config.heads["final_upsample"]
+  else:
+    model_config.heads.final_upsample = final_upsample
   config = convert.heads_config(model_config)
-  module = heads_lib.TaskHeads(specs=task_lib.head_specs(TASKS, model_config), hidden=8,
-                               upsample=upsample)
+  modes = {head["name"]: head["final_upsample"] for head in config["heads"]}
+  if final_upsample == "auto":
+    assert modes == {"seg_head": "conv", "depth_head": "bilinear", "normals_head": "bilinear",
+                     "det_heatmap_head": "conv", "det_box_head": "bilinear"}
+  else:
+    assert set(modes.values()) == {final_upsample or "conv"}
+  if final_upsample is None:
+    for head in config["heads"]:
+      del head["final_upsample"]  # as in a folder exported before the option
+  module = clip.task_heads(model_config)
   grid = np.random.default_rng(0).normal(size=(2, 3, 3, 16)).astype(np.float32)
   shapes = jax.eval_shape(lambda: nn.unbox(module.init(jax.random.PRNGKey(0), grid))["params"])
   params = random_tree(shapes, seed=upsample)

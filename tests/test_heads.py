@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from clipzoo_jax import aot
+from clipzoo_jax import cli
 from clipzoo_jax import config_base
 from clipzoo_jax import tasks as task_lib
+from clipzoo_jax.models import clip
 from clipzoo_jax.models import heads as heads_lib
 from clipzoo_jax.models import variants
 
@@ -83,6 +85,12 @@ def test_pointwise_conv_is_flax_conv_with_the_same_parameters():
   assert jax.tree.map(jnp.shape, params) == {"kernel": (1, 1, 8, 7), "bias": (7,)}
   np.testing.assert_allclose(params["bias"], 0.5)
   np.testing.assert_allclose(ours.apply({"params": params}, x), theirs, rtol=1e-5, atol=1e-6)
+  # the bias rides in the product as one more input row: its gradient and x's are nn.Conv's
+  loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply({"params": p}, x)))
+  for got, want in zip(jax.grad(loss(ours), (0, 1))(params, x),
+                       jax.grad(loss(nn.Conv(7, (1, 1))), (0, 1))(params, x)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -115,3 +123,63 @@ def test_the_heads_stems_computed_at_once_equal_each_heads_layer_norm_and_conv(d
   want = jax.grad(loss(separate), (0, 1))(grid, params)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert error(a, b) <= (1e-4 if dtype == jnp.float32 else 0.25)
+
+
+def _reference_head(params, grid, stages, final_upsample):
+  """One head written with Flax's Conv, LayerNorm and jax.image.resize."""
+  resize = lambda x: jax.image.resize(x, (x.shape[0], 2 * x.shape[1], 2 * x.shape[2],
+                                          x.shape[3]), "bilinear")
+  conv = lambda name, x, size=3: nn.Conv(params[name]["bias"].shape[0], (size, size)).apply(
+      {"params": params[name]}, x)
+  x = nn.LayerNorm(epsilon=1e-5).apply({"params": params["ln"]}, grid)
+  x = jax.nn.gelu(conv("conv_in", x))
+  for stage in range(stages):
+    if final_upsample == "bilinear" and stage == stages - 1:
+      x = resize(jax.nn.gelu(conv(f"conv_up{stage}", x)))
+    else:
+      x = jax.nn.gelu(conv(f"conv_up{stage}", resize(x)))
+  return conv("conv_out", x, 1)
+
+
+@pytest.mark.parametrize("final_upsample", ["bilinear", "conv"])
+def test_final_upsample_places_the_last_conv_before_or_after_its_upsampling(final_upsample):
+  """Same parameters either way; `bilinear` runs the last stage's conv before its x2, so no 3x3
+  conv runs at the label resolution. Against Flax's layers and jax.image.resize."""
+  model_config = variants.model_config("mu/4", image_size=12, tasks=("depth",))
+  model_config.image.width, model_config.heads.hidden = 6, 4
+  model_config.heads.final_upsample = final_upsample
+  module = clip.task_heads(model_config)
+  grid = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 3, 6)), jnp.float32)
+  params = nn.unbox(module.init(jax.random.PRNGKey(1), grid))["params"]
+  params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(2), x.shape),
+                        params)
+  ours = module.apply({"params": params}, grid)["depth"]
+  assert ours.shape == (2, 12, 12)
+  for mode in ("bilinear", "conv"):
+    want = _reference_head(params["depth_head"], grid, 2, mode)[..., 0]
+    close = np.allclose(ours, want, rtol=1e-5, atol=1e-5)
+    assert close == (mode == final_upsample), mode
+
+
+def test_by_default_only_seg_and_the_det_heatmap_run_a_conv_at_the_label_size():
+  """"auto": the class maps with sharp edges and one-pixel peaks keep their last conv at the label
+  size (on the demo, moving it a stage earlier raised the seg loss 2.6% and det 0.8%), the
+  smooth outputs (depth, normals, box size and offset) run it a stage earlier."""
+  model_config = variants.model_config("S/16", tasks=TASKS)
+  assert model_config.heads.final_upsample == "auto"
+  modes = {spec.name: spec.final_upsample for spec in task_lib.head_specs(TASKS, model_config)}
+  assert modes == {"seg_head": "conv", "det_heatmap_head": "conv", "depth_head": "bilinear",
+                   "normals_head": "bilinear", "det_box_head": "bilinear"}
+  model_config.heads.final_upsample = "conv"
+  assert {s.final_upsample for s in task_lib.head_specs(TASKS, model_config)} == {"conv"}
+
+
+def test_a_config_saved_without_final_upsample_keeps_its_convs_at_the_label_size():
+  """Runs saved before the option existed evaluate, export and resume as they trained; a wrong
+  value names the config field."""
+  model_config = variants.model_config("mu/4", image_size=12, tasks=TASKS)
+  del model_config.heads["final_upsample"]
+  assert {s.final_upsample for s in clip.task_heads(model_config).specs} == {"conv"}
+  model_config.heads.final_upsample = "nearest"
+  with pytest.raises(cli.UserError, match="model.heads.final_upsample: expected one of"):
+    clip.task_heads(model_config)

@@ -32,12 +32,16 @@ LAYER_NORM_EPS = 1e-5  # heads.py's LayerNorm
 HEADS_ACTIVATION = "gelu_tanh"
 ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}  # -> F.gelu(approximate=...)
 NORMALS_MIN_NORM = 1e-6
+# where a head's last upsampling stage runs its conv (heads.py), per head in the layout; heads
+# exported before the key existed have none and mean "conv"
+FINAL_UPSAMPLE = ("bilinear", "conv")
 
 
 def head_layout(config: Mapping) -> list[dict]:
-  """The `heads` entry of a heads config: one {name, channels, outputs} per head module, each
-  output {name, start, stop, unit_norm} a slice of the head's channels (stop None: one channel,
-  axis dropped). Written by the exporter from the task specs, so this file knows no task."""
+  """The `heads` entry of a heads config: one {name, channels, outputs, final_upsample} per head
+  module, each output {name, start, stop, unit_norm} a slice of the head's channels (stop None:
+  one channel, axis dropped). Written by the exporter from the task specs, so this file knows no
+  task."""
   layout = config.get("heads")
   if not isinstance(layout, list) or not all(isinstance(h, dict) for h in layout):
     raise ValueError(f"{HEADS_CONFIG}: expected a 'heads' list of head layouts (written by "
@@ -51,14 +55,20 @@ def head_layout(config: Mapping) -> list[dict]:
 
 class UpsampleHead(nn.Module):
   """(B, g, g, D) -> (B, g*upsample, g*upsample, C): LayerNorm, 3x3 conv, [x2 bilinear, 3x3 conv]
-  per stage, 1x1 conv, GELU between, as heads.UpsampleHead."""
+  per stage, 1x1 conv, GELU between, as heads.UpsampleHead. `final_upsample` "bilinear": the
+  last stage's conv runs before its x2 (no conv at the output size); "conv": after it."""
 
   def __init__(self, width: int, hidden: int, upsample: int, out_channels: int,
-               eps: float = LAYER_NORM_EPS, activation: str = HEADS_ACTIVATION):
+               eps: float = LAYER_NORM_EPS, activation: str = HEADS_ACTIVATION,
+               final_upsample: str = "conv"):
     super().__init__()
     if activation not in ACTIVATIONS:
       raise ValueError(f"heads config: activation expected one of {sorted(ACTIVATIONS)}, "
                        f"found {activation!r}")
+    if final_upsample not in FINAL_UPSAMPLE:
+      raise ValueError(f"heads config: final_upsample expected one of {list(FINAL_UPSAMPLE)}, "
+                       f"found {final_upsample!r}")
+    self.final_upsample = final_upsample
     self.approximate = ACTIVATIONS[activation]
     self.stages = int(round(math.log2(upsample)))
     if 2 ** self.stages != upsample:
@@ -73,11 +83,18 @@ class UpsampleHead(nn.Module):
     x = self.ln(grid).permute(0, 3, 1, 2)
     x = F.gelu(self.conv_in(x), approximate=self.approximate)
     for stage in range(self.stages):
-      # half-pixel bilinear with edge clamping, identical to jax.image.resize upsampling
-      x = F.interpolate(x, size=(2 * x.shape[2], 2 * x.shape[3]), mode="bilinear",
-                        align_corners=False)
-      x = F.gelu(getattr(self, f"conv_up{stage}")(x), approximate=self.approximate)
+      conv = getattr(self, f"conv_up{stage}")
+      if self.final_upsample == "bilinear" and stage == self.stages - 1:
+        x = _upsample2x(F.gelu(conv(x), approximate=self.approximate))
+      else:
+        x = F.gelu(conv(_upsample2x(x)), approximate=self.approximate)
     return self.conv_out(x).permute(0, 2, 3, 1)
+
+
+def _upsample2x(x: torch.Tensor) -> torch.Tensor:
+  """Half-pixel bilinear x2 with edge clamping, identical to jax.image.resize upsampling."""
+  return F.interpolate(x, size=(2 * x.shape[2], 2 * x.shape[3]), mode="bilinear",
+                       align_corners=False)
 
 
 def patch_grid(tokens: torch.Tensor) -> torch.Tensor:
@@ -103,7 +120,7 @@ class TaskHeads(nn.Module):
     for head in self.layout:
       setattr(self, head["name"], UpsampleHead(config["width"], config["hidden"],
                                                config["upsample"], head["channels"], eps,
-                                               activation))
+                                               activation, head.get("final_upsample", "conv")))
 
   def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
     grid = patch_grid(patches) if patches.ndim == 3 else patches

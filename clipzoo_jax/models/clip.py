@@ -24,6 +24,13 @@ def compute_dtype(name: str):
   return DTYPES[name]
 
 
+def task_heads(cfg, dtype=jnp.float32) -> heads_lib.TaskHeads | None:
+  """The dense heads a model config asks for (None without tasks)."""
+  specs = task_lib.head_specs(tuple(cfg.heads.tasks), cfg)
+  return heads_lib.TaskHeads(specs=specs, hidden=cfg.heads.hidden, upsample=cfg.heads.upsample,
+                             dtype=dtype) if specs else None
+
+
 def normalize_pixels(images):
   """uint8 RGB pixels (the loader's batches travel to the device as uint8: a quarter of the bytes
   of float32) to CLIP-normalized float32; float images are taken as already normalized."""
@@ -65,10 +72,7 @@ class CLIPTeX(nn.Module):
     self.logit_bias = None if cfg.get("logit_bias_init") is None else self.param(
         "logit_bias", nn.with_logical_partitioning(
             nn.initializers.constant(cfg.logit_bias_init), ()), ())
-    specs = task_lib.head_specs(tuple(cfg.heads.tasks), cfg)
-    self.heads = heads_lib.TaskHeads(
-        specs=specs, hidden=cfg.heads.hidden, upsample=cfg.heads.upsample,
-        dtype=dtype) if specs else None
+    self.heads = task_heads(cfg, dtype)
 
   def encode_image(self, images):
     """-> (unnormalized embedding (B, E), patch tokens (B, g, g, D))."""

@@ -1,20 +1,27 @@
 """Light dense task heads on the image tower's patch-token grid, one stack per HeadSpec:
-LayerNorm, a 3x3 conv to `hidden` channels, then x2 bilinear upsample + 3x3 conv stages, then a
-1x1 conv to the head's channels. Which heads exist and how their channels split into named
+LayerNorm, a 3x3 conv to `hidden` channels, then one 3x3 conv per x2 bilinear upsampling stage,
+then a 1x1 conv to the head's channels. Which heads exist and how their channels split into named
 outputs is data (`clipzoo_jax.tasks.HeadSpec`), shared with the PyTorch heads
 (`convert/torch_heads.py`).
 
-Their cost is set by `hidden` (config.model.heads.hidden): the upsampling convs cost 9 hidden^2
-per output pixel, most of it at the label resolution, once per head stack (five for the four
-tasks: detection has two). The default, min(32, width), keeps them at 10% of the train step's
-FLOPs at issue 11's 41M-parameter reference shape (S/16 towers of depth 6, 224 px, 56 px labels,
-batch 32) and 2% at B/16; 64 wide they cost 31% and 6% (tests/test_heads.py). A shared trunk
-with per-task 1x1 outputs, 1x1 or pixel-shuffle upsampling and a 1x1 projection neck were cheaper
-still, but each raised the demo's task losses by 5-50%: the demo's heads hold most of its
-capacity. Three ops are computed differently from the textbook, same math: bilinear x2 as a
-stencil and the 1x1 output conv as one matmul (both for XLA's CPU backend), and the heads' first
-LayerNorm + 3x3 conv as one convolution for all heads (`stems`: 3% off the issue-11 CPU step;
-on accelerators one D -> 160 product instead of five D -> 32 ones).
+Each head's `final_upsample` (its HeadSpec's, or config.model.heads.final_upsample for all)
+places its last stage's conv: `conv` after the stage's x2, at the label resolution; `bilinear`
+before it, so that the output is a bilinear x2 of features a stage coarser. A 3x3 conv costs
+9 hidden^2 per pixel it outputs, so at the label size (56 px at issue 11's 41M-parameter
+reference shape: S/16 towers of depth 6, 224 px, batch 32) it costs 4x one a stage earlier,
+once per head stack (five for the four tasks: detection has two). By default ("auto") the
+outputs with sharp edges (seg's class map, the det heatmap's one-pixel peaks) keep `conv` and
+the smooth ones (depth, normals, box size and offset) use `bilinear`: on the demo (4 seeds),
+`bilinear` everywhere raised the seg loss 2.6% and det 0.8% and lowered depth and normals 1.6%
+and 1.9%. With hidden = min(32, width) the heads are 7.5% of the train step's FLOPs at the
+reference shape and 1.6% at B/16 (all `conv`: 9.6% and 2.0%; tests/test_heads.py).
+A shared trunk with per-task 1x1 outputs, 1x1 or pixel-shuffle upsampling, a 1x1 projection neck, a
+1x1 stem before a 3x3 conv, and a 1x1 conv after a bilinear last stage were cheaper still, but each
+raised the demo's task losses by 5-50%: the demo's heads hold most of its capacity. Three ops are
+computed differently from the textbook, same math: bilinear x2 as a stencil and the 1x1 output conv
+as one matmul (both for XLA's CPU backend), and the heads' first LayerNorm + 3x3 conv as one
+convolution for all heads (`stems`: 3% off the issue-11 CPU step; on accelerators one D -> 160
+product instead of five D -> 32 ones).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import jax.numpy as jnp
 
 from clipzoo_jax import cli
 from clipzoo_jax.models import transformer as tfm
-from clipzoo_jax.tasks import HeadSpec
+from clipzoo_jax.tasks import FINAL_UPSAMPLE, HeadSpec
 
 
 def conv_init():
@@ -102,8 +109,12 @@ class UpsampleHead(nn.Module):
   upsample: int
   out_bias_init: float = 0.0
   dtype: tfm.Dtype = jnp.float32
+  final_upsample: str = "conv"  # tasks.FINAL_UPSAMPLE
 
   def setup(self):
+    if self.final_upsample not in FINAL_UPSAMPLE:
+      raise cli.UserError(f"heads: final_upsample expected one of {list(FINAL_UPSAMPLE)}, "
+                          f"found {self.final_upsample!r}")
     stages = int(round(math.log2(self.upsample)))
     if 2 ** stages != self.upsample:
       raise cli.UserError(f"model.heads.upsample must be a power of 2, found {self.upsample}")
@@ -122,7 +133,12 @@ class UpsampleHead(nn.Module):
   def trunk(self, x):
     """The stem's output (B, g, g, hidden) -> the head's raw output channels."""
     x = jax.nn.gelu(x)
-    for conv in self.conv_up:
+    for stage, conv in enumerate(self.conv_up):
+      if self.final_upsample == "bilinear" and stage == len(self.conv_up) - 1:
+        # conv_out(x2(features)) computed as x2(conv_out(features)): both are linear per pixel
+        # and the x2's weights sum to 1, so the 1x1 conv runs at a quarter of the pixels and
+        # only the head's few output channels are upsampled
+        return upsample2x(self.conv_out(jax.nn.gelu(conv(x))))
       x = jax.nn.gelu(conv(upsample2x(x)))
     return self.conv_out(x)
 
@@ -132,7 +148,9 @@ class UpsampleHead(nn.Module):
 
 class PointwiseConv(nn.Module):
   """A 1x1 conv, parameters as nn.Conv's (`kernel` (1, 1, in, out), `bias`), computed as one
-  matmul over all pixels: XLA's CPU convolution runs a 1x1 conv to 150 classes ~4x slower."""
+  matmul over all pixels with the bias as one more input row ([x, 1] @ [kernel; bias]): XLA's CPU
+  convolution runs a 1x1 conv to 150 classes ~4x slower, and a separate bias add is one more
+  pass over the (B, H, W, 150) logits (60-90 ms of the issue-11 CPU step's heads)."""
   features: int
   bias_init: float = 0.0
   dtype: tfm.Dtype = jnp.float32
@@ -143,7 +161,9 @@ class PointwiseConv(nn.Module):
     bias = self.param("bias", nn.with_logical_partitioning(
         nn.initializers.constant(self.bias_init), ("conv_out",)), (self.features,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = x.reshape(-1, x.shape[-1]) @ kernel[0, 0] + bias
+    pixels = x.reshape(-1, x.shape[-1])
+    pixels = jnp.concatenate([pixels, jnp.ones((pixels.shape[0], 1), pixels.dtype)], -1)
+    y = pixels @ jnp.concatenate([kernel[0, 0], bias[None]], 0)
     return y.reshape(x.shape[:-1] + (self.features,))
 
 
@@ -169,7 +189,7 @@ class TaskHeads(nn.Module):
   @nn.compact
   def __call__(self, grid):
     heads = [UpsampleHead(spec.channels, self.hidden, self.upsample, spec.bias_init, self.dtype,
-                          name=spec.name) for spec in self.specs]
+                          spec.final_upsample, name=spec.name) for spec in self.specs]
     starts = stems(grid, [head.stem_params(grid.shape[-1]) for head in heads], self.dtype)
     out = {}
     for spec, head, start in zip(self.specs, heads, starts):

@@ -65,5 +65,6 @@ def model_config(variant: str = "B/16", image_size: int = 224, tasks=(),
       eos_token_id=ml_collections.FieldReference(None, field_type=int)))
   cfg.heads = ml_collections.ConfigDict(dict(
       tasks=list(tasks), num_seg_classes=num_seg_classes, num_det_classes=num_det_classes,
-      hidden=min(32, image_width), upsample=4))  # light: models/heads.py says why
+      hidden=min(32, image_width), upsample=4,
+      final_upsample="auto"))  # light: models/heads.py says why
   return cfg

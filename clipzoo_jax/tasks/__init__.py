@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
 
 from clipzoo_jax import cli
-from clipzoo_jax.tasks.base import (Field, HeadSpec, OutputSlice, Task, get, get_all, names,
-                                    register)
+from clipzoo_jax.tasks.base import (FINAL_UPSAMPLE, Field, HeadSpec, OutputSlice, Task, get,
+                                    get_all, names, register)
 
-__all__ = ["Field", "HeadSpec", "OutputSlice", "Task", "get", "get_all", "names", "register",
+__all__ = ["FINAL_UPSAMPLE", "Field", "HeadSpec", "OutputSlice", "Task", "get", "get_all", "names", "register",
            "canonical_order", "batch_fields", "check_dataset", "head_specs"]
 
 
@@ -43,6 +44,16 @@ def check_dataset(task_names: Sequence[str], manifest: dict, model_config, where
 
 
 def head_specs(task_names: Sequence[str], model_config) -> tuple[HeadSpec, ...]:
-  """Every head module of the active tasks, in the schema's order."""
-  return tuple(spec for task in get_all(canonical_order(task_names), "model.heads.tasks")
-               for spec in task.heads(model_config))
+  """Every head module of the active tasks, in the schema's order, each with the place of its
+  last conv that `model.heads.final_upsample` says: "auto" (the default), the head's own (its
+  task's HeadSpec); "bilinear" or "conv", every head's. A config saved before the key existed
+  means "conv": every head then ran its last conv at the label size."""
+  specs = tuple(spec for task in get_all(canonical_order(task_names), "model.heads.tasks")
+                for spec in task.heads(model_config))
+  choice = model_config.heads.get("final_upsample", "conv")
+  if choice not in ("auto",) + FINAL_UPSAMPLE:
+    raise cli.UserError(f"model.heads.final_upsample: expected one of "
+                        f"{['auto', *FINAL_UPSAMPLE]}, found {choice!r}")
+  if choice == "auto":
+    return specs
+  return tuple(dataclasses.replace(spec, final_upsample=choice) for spec in specs)

@@ -48,18 +48,26 @@ class OutputSlice:
     return dataclasses.asdict(self)
 
 
+# Where a head's last upsampling stage runs its 3x3 conv (models/heads.py): "bilinear", before
+# the x2 (the head's output is bilinear interpolation of features a stage coarser), or "conv",
+# after it, at the label size.
+FINAL_UPSAMPLE = ("bilinear", "conv")
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadSpec:
   """One head module on the patch grid: its parameter name (`heads/<name>`), output channels,
-  the constant its output bias starts at, and the named outputs cut from its channels."""
+  the constant its output bias starts at, the named outputs cut from its channels, and where its
+  last conv runs (FINAL_UPSAMPLE: "conv" for outputs with sharp edges, class maps and peaks)."""
   name: str
   channels: int
   outputs: tuple[OutputSlice, ...]
   bias_init: float = 0.0
+  final_upsample: str = "bilinear"
 
   def to_json(self) -> dict:
     return {"name": self.name, "channels": self.channels, "bias_init": self.bias_init,
-            "outputs": [o.to_json() for o in self.outputs]}
+            "final_upsample": self.final_upsample, "outputs": [o.to_json() for o in self.outputs]}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -160,8 +160,10 @@ class Detection(base.Task):
   def heads(self, model_config):
     classes = int(model_config.heads.num_det_classes)
     prior = -math.log((1 - DET_HEATMAP_PRIOR) / DET_HEATMAP_PRIOR)
+    # the heatmap's one-pixel peaks: its last conv runs at the label size (models/heads.py)
     return (base.HeadSpec("det_heatmap_head", classes,
-                          (base.OutputSlice("det_heatmap", 0, classes),), bias_init=prior),
+                          (base.OutputSlice("det_heatmap", 0, classes),), bias_init=prior,
+                          final_upsample="conv"),
             base.HeadSpec("det_box_head", 4, (base.OutputSlice("det_size", 0, 2),
                                               base.OutputSlice("det_offset", 2, 4))))
 

@@ -70,7 +70,9 @@ class Segmentation(base.Task):
 
   def heads(self, model_config):
     classes = int(model_config.heads.num_seg_classes)
-    return (base.HeadSpec("seg_head", classes, (base.OutputSlice("seg", 0, classes),)),)
+    # class boundaries: its last conv runs at the label size (models/heads.py)
+    return (base.HeadSpec("seg_head", classes, (base.OutputSlice("seg", 0, classes),),
+                          final_upsample="conv"),)
 
   def loss_terms(self, outputs, batch, loss_config):
     return seg_terms(outputs["seg"], batch["seg"], batch["seg_mask"])
