@@ -308,8 +308,10 @@ class TrainStep:
         # checkpoint can hold NaNs; the loop skips the step or stops, as config.nonfinite says.
         finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
                   & all_finite(params))
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                         (params, opt_state), (state["params"], state["opt_state"]))
+        # One conditional, not a jnp.where per leaf: XLA:CPU took twice as long to compile the
+        # step with the per-leaf selects (21 against 10 s for the miniature's one-head step).
+        params, opt_state = jax.lax.cond(finite, lambda: (params, opt_state),
+                                         lambda: (state["params"], state["opt_state"]))
       metrics["train/skipped_nonfinite"] = 1.0 - finite.astype(jnp.float32)
       metrics["learning_rate"] = schedule(state["step"])
       metrics["temperature"] = jnp.exp(jnp.minimum(params["logit_scale"],

@@ -71,9 +71,28 @@ def test_train_step_compiles_from_the_config_alone(tmp_path):
   assert memory.argument_size_in_bytes > 0
   # the compiled step accepts exactly the contract: the state it will train and a synthetic batch
   state = built.init_state()
-  new_state, metrics = compiled(state, built.global_batch(built.synthetic_batch()))
+  batch = built.global_batch(built.synthetic_batch())
+  before = jax.tree.map(np.asarray, state)  # the step donates its state
+  new_state, metrics = compiled(state, batch)
   assert int(new_state["step"]) == 1 and np.isfinite(float(metrics["loss"]))
+  assert float(metrics["train/skipped_nonfinite"]) == 0.0
   assert set(metrics) >= {f"loss/{t}" for t in task_lib.names()}
+  assert any(not np.array_equal(a, b) for a, b in zip(  # a finite step updates the moments
+      jax.tree.leaves(before["opt_state"]), jax.tree.leaves(new_state["opt_state"])))
+
+  # a step whose loss is not finite applies nothing: parameters and optimizer state come back
+  # exactly as they went in, and the step is counted as skipped
+  poisoned = jax.tree.map(np.asarray, new_state)
+  poisoned["params"]["logit_scale"] = np.full_like(poisoned["params"]["logit_scale"], np.nan)
+  placed = jax.tree.map(jax.device_put, poisoned, jax.tree.map(lambda a: a.sharding,
+                                                               built.abstract_state))
+  after, metrics = compiled(placed, batch)
+  assert not np.isfinite(float(metrics["loss"]))
+  assert float(metrics["train/skipped_nonfinite"]) == 1.0 and int(after["step"]) == 2
+  for name in ("params", "opt_state"):
+    for kept, went_in in zip(jax.tree.leaves(after[name]), jax.tree.leaves(poisoned[name]),
+                             strict=True):
+      np.testing.assert_array_equal(np.asarray(kept), went_in)
 
 
 def test_resume_restores_without_initialising(tmp_path, monkeypatch):
