@@ -70,6 +70,20 @@ def case_config(name: str):
   return config
 
 
+def code_revision() -> str | None:
+  """The commit the measured code is at, "+changes" when the working tree differs from it (rows
+  of one results file can come from different runs: each row says which code it measured)."""
+  def git(*args):
+    result = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True,
+                            check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
+  commit = git("rev-parse", "--short", "HEAD")
+  if commit and git("status", "--porcelain", "--untracked-files=no", "--", "clipzoo_jax",
+                    "configs"):
+    commit += "+changes"
+  return commit
+
+
 def child(name: str) -> dict:
   """One case in this process: compile, report (or the compiler's refusal)."""
   from clipzoo_jax import aot  # pylint: disable=import-outside-toplevel
@@ -78,7 +92,8 @@ def child(name: str) -> dict:
   row = {"case": name, "variant": shape["variant"], "pod": shape["pod"],
          "tasks": list(config.model.heads.tasks), "topology": shape["topology"], "remat": remat,
          "overrides": OVERRIDES.get(name, {}),
-         "global_batch": GLOBAL_BATCH, "big_vision_gib": big_vision, "issue_cliptex_gib": issue}
+         "global_batch": GLOBAL_BATCH, "big_vision_gib": big_vision, "issue_cliptex_gib": issue,
+         "code": code_revision()}
   start = time.perf_counter()
   try:
     report = aot.check(config, aot.parse_topology(shape["topology"]))
@@ -135,7 +150,7 @@ def _gib(value) -> str:
 def print_table(rows: list) -> None:
   print(" | ".join(("case", "pod", "remat", "args GiB", "temp GiB", "total GiB",
                     "total-code GiB", "usable GiB", "fits", "big_vision GiB", "issue GiB",
-                    "TFLOP/step", "compile s")))
+                    "TFLOP/step", "compile s", "code")))
   for r in rows:
     if "error" in r:
       print(f"{r['case']} | error: {r['error']}")
@@ -148,7 +163,7 @@ def print_table(rows: list) -> None:
         _gib(r.get("hbm_limit_gib")),
         r["fits"], _gib(r["big_vision_gib"]), _gib(r["issue_cliptex_gib"]),
         "-" if "flops_per_step" not in r else f"{r['flops_per_step'] / 1e12:.0f}",
-        f"{r['compile_s']:.0f}")))
+        f"{r['compile_s']:.0f}", r.get("code") or "-")))
     if "message" in r:
       print(f"  {r['message']}")
 

@@ -113,3 +113,22 @@ def test_v5e_topology_compiles_on_this_cpu_with_libtpu():
   assert report.fits and 0 < report.total < aot.GIB
   # the TPU compile's own count has each tower's scanned body once: 5 of 6 layers missing
   assert report.compiled_flops_per_chip * 4 < 0.5 * report.flops_per_step
+
+
+def test_the_memory_benchmark_table_prints_every_saved_row():
+  """`python benchmarks/aot_memory.py --table`, as the README gives it: the recorded rows again,
+  each with its total (or its refusal) and the code it measured, without compiling anything."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "benchmarks/aot_memory.py", "--table"], cwd=root,
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  import json
+  with open(os.path.join(root, "benchmarks", "results", "aot_memory.json")) as f:
+    rows = json.load(f)["rows"]
+  lines = result.stdout.splitlines()
+  assert lines[0].split(" | ")[-1] == "code"
+  for row in rows:
+    printed = next(line for line in lines if line.startswith(row["case"] + " | "))
+    expected = "-" if row.get("total_gib") is None else f"{row['total_gib']:.2f}"
+    assert printed.split(" | ")[5] == expected, printed
+    assert printed.split(" | ")[-1] == (row.get("code") or "-"), printed
